@@ -1,0 +1,79 @@
+"""The ``"numpy"`` backend: the raw kernel contract (kernels/README.md) fulfilled by the oracle's literal math.
+
+Always available, always right, slow. Each kernel writes into ``out`` like the compiled ones, so the public API
+drives every backend the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import oracle
+
+_ONE_HOT_BUDGET = 1 << 24  # elements of one-hot matrix built at a time (64 MiB in float32)
+
+
+def gather(out, ids, table):
+    rows = max(1, _ONE_HOT_BUDGET // max(1, table.shape[0]))
+    for start in range(0, ids.shape[0], rows):  # the one-hot product, a block of tokens at a time
+        out[start : start + rows] = oracle.embed(ids[start : start + rows], table)
+
+
+def gather_add_positions(out, ids, table, positions, seq_len, offset):
+    gather(out, ids, table)
+    x = out.reshape(-1, seq_len, out.shape[-1])  # (B, N, D), a view of out
+    x[...] = oracle.add_positions(x, positions, offset)
+
+
+def add_positions(out, x, positions, offset):
+    out[...] = oracle.add_positions(x, positions, offset)
+
+
+def rope(out, x, cos, sin, interleaved):
+    out[...] = oracle.rotate(x, cos, sin, interleaved)
+
+
+def _additive_mask(L, S, dtype, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+    """The additive (B or 1, H or 1, L, S) mask that the kernels take as structure, built literally."""
+    total = np.zeros((1, 1, L, S), dtype=dtype)
+    if causal:
+        total = total + np.where(oracle.causal_mask(L, S, causal_offset), 0.0, -np.inf).astype(dtype)
+    if has_mask:
+        total = total + mask
+    if has_key_bias:
+        total = total + key_bias[:, None, None, :]
+    return total
+
+
+def _expand_kv(t, n_heads):
+    """GQA, literally: repeat each key/value head for the query heads it serves."""
+    return np.repeat(t, n_heads // t.shape[1], axis=1)
+
+
+def scores(out, q, k, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+    L, S = q.shape[2], k.shape[2]
+    m = _additive_mask(L, S, q.dtype, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
+    out[...] = oracle.attention_scores(q, _expand_kv(k, q.shape[1]), q.dtype.type(scale), m)
+
+
+def softmax(out, s):
+    out[...] = oracle.softmax(s)
+
+
+def weighted_sum(out, p, v):
+    out[...] = p @ _expand_kv(v, p.shape[1])
+
+
+def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+    s = np.empty(q.shape[:3] + (k.shape[2],), dtype=q.dtype)
+    scores(s, q, k, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
+    softmax(s, s)
+    weighted_sum(out, s, v)
+
+
+def get_num_threads():
+    return 1
+
+
+def set_num_threads(n):
+    """The oracle is single-threaded NumPy; its thread count cannot change."""

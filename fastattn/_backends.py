@@ -139,26 +139,46 @@ def resolve_name(backend: str | None = None) -> str:
     return "numpy"
 
 
-def kernels(backend: str | None = None):
-    """The kernel module of the backend a call uses (imported on first need)."""
+# Kernel families beyond the attention pipeline live in submodules of each backend (models' LayerNorm, GELU, ...).
+_FAMILIES = {
+    "blocks": {
+        "numpy": "fastattn._numpy_blocks",
+        "numba": "fastattn.kernels.numba.blocks",
+        "cython": "fastattn.kernels.cython.blocks",
+    },
+}
+
+
+def kernels(backend: str | None = None, family: str | None = None):
+    """The kernel module of the backend a call uses (imported on first need).
+
+    ``family=None`` is the attention pipeline of kernels/README.md; ``family="blocks"`` the transformer-block
+    kernels used by ``fastattn.models``.
+    """
     name = resolve_name(backend)
-    mod = _loaded.get(name)
+    key = name if family is None else f"{name}.{family}"
+    mod = _loaded.get(key)
     if mod is not None:
         return mod
     with _lock:
-        if name not in _loaded:
+        if key not in _loaded:
+            module_name = _MODULES[name] if family is None else _FAMILIES[family][name]
             try:
-                mod = importlib.import_module(_MODULES[name])
-                missing = [k for k in _KERNELS if not hasattr(mod, k)]
+                mod = importlib.import_module(module_name)
+                missing = [k for k in _KERNELS if not hasattr(mod, k)] if family is None else []
                 if missing:
                     raise ImportError(f"it lacks the kernels {missing}")
             except ImportError as exc:
-                _failed[name] = f"importing {_MODULES[name]} failed: {exc}"
+                if family is not None:
+                    raise ValueError(
+                        f"backend {name!r} has no {family} kernels: importing {module_name} failed: {exc}"
+                    ) from exc
+                _failed[name] = f"importing {module_name} failed: {exc}"
                 raise _unavailable_error(name, "on first use") from exc
-            if _thread_setting[0] is not None:
+            if _thread_setting[0] is not None and hasattr(mod, "set_num_threads"):
                 mod.set_num_threads(_thread_setting[0])
-            _loaded[name] = mod
-    return _loaded[name]
+            _loaded[key] = mod
+    return _loaded[key]
 
 
 def loaded_modules() -> dict[str, object]:
@@ -168,4 +188,5 @@ def loaded_modules() -> dict[str, object]:
 def set_threads_everywhere(n: int) -> None:
     _thread_setting[0] = n
     for mod in _loaded.values():
-        mod.set_num_threads(n)
+        if hasattr(mod, "set_num_threads"):
+            mod.set_num_threads(n)

@@ -1,0 +1,119 @@
+"""The ``cython`` backend: the raw kernels of kernels/README.md compiled from ``.pyx`` with OpenMP.
+
+The extensions are optional. When they are missing (no C compiler or no Cython at install time) or cannot be
+loaded, this package still imports: ``UNAVAILABLE_REASON`` says why, and every kernel raises RuntimeError with
+that reason. ``UNAVAILABLE_REASON is None`` means the backend works.
+
+Threads: ``set_num_threads(n)`` sets the threads of every parallel loop of this backend; the default is OpenMP's
+(``OMP_NUM_THREADS``, else all cores).
+
+Builds: ``_attention`` also exists as ``_attention_avx2`` and ``_attention_avx512`` on x86-64 (see setup.py); the
+widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
+choice (for tests and comparisons). The attention tile products may run in BLAS (SciPy's, loaded on the first
+large call, one thread per kernel thread): ``blas_status()`` says how, ``FASTATTN_CYTHON_BLAS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.machinery
+import operator
+import os
+import sys
+
+KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
+_EXTENSIONS = ("_attention", "_embedding")
+_ISA_ORDER = ("avx512", "avx2")  # widest first
+
+UNAVAILABLE_REASON: str | None = None
+_isa = "baseline"
+
+
+def _widest_build(name: str):
+    """The module `name`, or its widest ISA build that this CPU runs and FASTATTN_CYTHON_ISA allows."""
+    base = importlib.import_module(f"{__name__}.{name}")
+    cap = os.environ.get("FASTATTN_CYTHON_ISA", "").strip().lower() or _ISA_ORDER[0]
+    allowed = _ISA_ORDER[_ISA_ORDER.index(cap) :] if cap in _ISA_ORDER else ()
+    for isa in allowed:
+        if base.cpu_supports(isa):
+            try:
+                return importlib.import_module(f"{__name__}.{name}_{isa}"), isa
+            except ImportError:  # that variant was not built here
+                continue
+    return base, "baseline"
+
+
+try:
+    _attention, _isa = _widest_build("_attention")
+    from . import _embedding
+except ImportError as _exc:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _built = [
+        name
+        for name in _EXTENSIONS
+        if any(glob.glob(os.path.join(_here, name + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    ]
+    if len(_built) < len(_EXTENSIONS):
+        UNAVAILABLE_REASON = (
+            "the Cython extensions were not built (no C compiler or no Cython at install time): "
+            "reinstall fastattn with a C compiler to enable them"
+        )
+    else:
+        UNAVAILABLE_REASON = f"the Cython extensions are built but do not load ({_exc})"
+    del _here, _built
+
+    def _unavailable(name):
+        def kernel(*args, **kwargs):
+            raise RuntimeError(f"fastattn.kernels.cython.{name} cannot run: {UNAVAILABLE_REASON}")
+
+        kernel.__name__ = kernel.__qualname__ = name
+        return kernel
+
+    for _name in KERNELS + ("blas_status",):
+        globals()[_name] = _unavailable(_name)
+    del _name
+    _attention = _embedding = None
+else:
+    attention = _attention.attention
+    scores = _attention.scores
+    softmax = _attention.softmax
+    weighted_sum = _attention.weighted_sum
+    blas_status = _attention.blas_status
+    gather = _embedding.gather
+    gather_add_positions = _embedding.gather_add_positions
+    add_positions = _embedding.add_positions
+    rope = _embedding.rope
+
+
+def isa() -> str:
+    """The instruction set of the attention build in use: "avx512", "avx2" or "baseline" (none when unbuilt)."""
+    return _isa if UNAVAILABLE_REASON is None else "none"
+
+
+def openmp_enabled() -> bool:
+    """True when the extensions were compiled with OpenMP (False: serial kernels, or not built at all)."""
+    return UNAVAILABLE_REASON is None and _attention.openmp_enabled()
+
+
+def get_num_threads() -> int:
+    """Threads the parallel loops of this backend use (1 without OpenMP)."""
+    if UNAVAILABLE_REASON is not None:
+        return 1
+    return _attention.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads (>= 1) in every kernel of this backend from now on (no effect without OpenMP)."""
+    try:
+        count = operator.index(n)
+    except TypeError:
+        count = 0
+    if isinstance(n, bool) or count < 1:
+        raise ValueError(f"set_num_threads needs an int >= 1, got: {n!r}")
+    if UNAVAILABLE_REASON is None:
+        # every extension of this package loaded so far (other .pyx files, e.g. _blocks, included)
+        prefix = __name__ + "."
+        for name, module in list(sys.modules.items()):
+            if name.startswith(prefix) and hasattr(module, "_set_num_threads"):
+                module._set_num_threads(count)

@@ -1,0 +1,545 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# fastattn: isa-variants
+"""Attention kernels: scores, softmax, weighted_sum (the stages) and attention (fused, flash-style).
+
+Contract: kernels/README.md. Arrays are C-contiguous except `mask` (B, Hq, L, S) and `key_bias` (B, S), which
+may be read-only broadcast views (zero strides): they are read through their strides, and never when
+has_mask / has_key_bias is False.
+
+Tile products. `_gemm_nt` (scores = Q·Kᵀ) and `_gemm_nn` (P·V) either call BLAS (sgemm/dgemm taken from
+scipy.linalg.cython_blas at run time, single-threaded inside the OpenMP region, see _blas.py) or run the plain
+loops below them. BLAS is used when the call is large enough (_BLAS_MIN_WORK) and SciPy is there; the loops
+are the readable reference and the fallback. Both give the same results up to rounding.
+"""
+
+from cython.parallel cimport parallel, prange
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from libc.math cimport INFINITY, exp
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+include "_common.pxi"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Threads and BLAS
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef int _n_threads = fa_omp_max_threads()
+
+
+def _set_num_threads(int n):
+    global _n_threads
+    _n_threads = n
+
+
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a, int *lda,
+                         float *b, int *ldb, float *beta, float *c, int *ldc) noexcept nogil
+ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k, double *alpha, double *a,
+                         int *lda, double *b, int *ldb, double *beta, double *c, int *ldc) noexcept nogil
+ctypedef void (*set_threads_t)(int n) noexcept nogil
+ctypedef int (*get_threads_t)() noexcept nogil
+
+cdef sgemm_t _sgemm = NULL
+cdef dgemm_t _dgemm = NULL
+cdef set_threads_t _blas_set_threads = NULL
+cdef get_threads_t _blas_get_threads = NULL
+cdef bint _blas_tried = False
+_blas_status = "not loaded yet (BLAS is loaded on the first call large enough to use it)"
+
+# A call whose multiply-adds (B·Hq·L·S·(E+Ev)) are fewer than this uses the loops (measured: BLAS wins from ~6e6,
+# e.g. 12 heads of 64×64); the first call above it loads SciPy's BLAS (~0.03 s, see _blas.py).
+cdef double _BLAS_MIN_WORK = 1 << 22
+cdef Py_ssize_t _BLAS_MIN_ROWS = 8   # fewer queries (decoding one token): the loops beat a gemm of 1 row
+# Measured on a 2-core AVX-512 machine (float32, d=64): BLAS 256×512 tiles ~90 GF/s per core against ~83 for 128×512
+# (OpenBLAS packs each K/V tile once per query tile: taller query tiles pack less); loops 64×128.
+cdef Py_ssize_t _BLAS_BQ = 256, _BLAS_BK = 512
+cdef Py_ssize_t _LOOP_BQ = 64, _LOOP_BK = 128
+cdef Py_ssize_t _MIN_ITEMS = 8   # query tiles shrink (down to 32 rows) until there are this many work items
+
+
+cdef Py_ssize_t _query_tile(Py_ssize_t BQ, Py_ssize_t n_bh, Py_ssize_t L) noexcept:
+    """BQ, halved while there are fewer than _MIN_ITEMS work items (n_bh heads × query tiles), so that a short
+    call still spreads over the threads. It depends on the shapes only: results do not depend on thread count."""
+    while BQ > 32 and n_bh * ((L + BQ - 1) // BQ) < _MIN_ITEMS:
+        BQ //= 2
+    return BQ
+
+
+def _load_blas():
+    """Take sgemm/dgemm from scipy.linalg.cython_blas and OpenBLAS's thread knob; record why not in _blas_status."""
+    global _sgemm, _dgemm, _blas_set_threads, _blas_get_threads, _blas_tried, _blas_status
+    _blas_tried = True
+    from . import _blas
+    reason = _blas.disabled_reason()
+    if reason is not None:
+        _blas_status = reason
+        return
+    try:
+        s_cap, d_cap = _blas.gemm_capsules()
+    except (ImportError, KeyError, AttributeError) as exc:
+        _blas_status = f"unavailable, the kernels use their own loops (scipy.linalg.cython_blas: {exc})"
+        return
+    _sgemm = <sgemm_t>PyCapsule_GetPointer(s_cap, PyCapsule_GetName(s_cap))
+    _dgemm = <dgemm_t>PyCapsule_GetPointer(d_cap, PyCapsule_GetName(d_cap))
+    api = _blas.openblas_thread_api()
+    if api is None:
+        _blas_status = "scipy.linalg.cython_blas (no OpenBLAS thread control found: BLAS threads not limited)"
+    else:
+        _blas_set_threads = <set_threads_t><size_t>api[0]
+        _blas_get_threads = <get_threads_t><size_t>api[1]
+        _blas_status = f"scipy.linalg.cython_blas, OpenBLAS {api[2]} held to 1 thread inside the kernels"
+
+
+def _set_blas_min_work(double work):
+    """Set the size from which BLAS is used (0: always, inf: never); returns the previous one. For tests."""
+    global _BLAS_MIN_WORK
+    previous = _BLAS_MIN_WORK
+    _BLAS_MIN_WORK = work
+    return previous
+
+
+def _set_tiles(Py_ssize_t blas_bq, Py_ssize_t blas_bk, Py_ssize_t loop_bq, Py_ssize_t loop_bk):
+    """Set the tile sizes (query rows, keys) of the BLAS and loop paths; returns the previous ones. For tuning."""
+    global _BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK
+    previous = (_BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK)
+    _BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK = blas_bq, blas_bk, loop_bq, loop_bk
+    return previous
+
+
+def blas_status():
+    """How the tile products run: which BLAS, or why the loops."""
+    return _blas_status
+
+
+cdef bint _use_blas(double work, Py_ssize_t rows, Py_ssize_t largest_dim) except -1:
+    """BLAS for this call? Large enough, dimensions that fit BLAS's 32-bit ints, and SciPy's BLAS loads."""
+    if work < _BLAS_MIN_WORK or rows < _BLAS_MIN_ROWS or largest_dim > 0x7FFFFFFF:
+        return False
+    if not _blas_tried:
+        _load_blas()
+    return _sgemm != NULL
+
+
+cdef inline int _blas_one_thread(bint use_blas) noexcept nogil:
+    """Hold OpenBLAS to one thread for the parallel region; returns the count to restore (0: nothing to do)."""
+    cdef int previous = 0
+    if use_blas and _blas_set_threads != NULL:
+        previous = _blas_get_threads()
+        if previous != 1:
+            _blas_set_threads(1)
+        else:
+            previous = 0
+    return previous
+
+
+cdef inline void _blas_restore(int previous) noexcept nogil:
+    if previous > 0:
+        _blas_set_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile products (row-major). BLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef inline int _i(Py_ssize_t n) noexcept nogil:
+    return <int>(n if n > 1 else 1)   # BLAS wants leading dimensions >= 1, even for empty tiles
+
+
+cdef void _gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, const floating* a, Py_ssize_t lda,
+                   const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc, floating* bt,
+                   bint use_blas) noexcept nogil:
+    """c[i, j] = alpha · Σ_e a[i, e]·b[j, e] for i < m, j < n (C = alpha·A·Bᵀ).
+
+    bt: scratch for k·n entries of floating and then n doubles (loops only).
+    """
+    cdef char trans = b'T', notrans = b'N'
+    cdef int im = <int>m, jn = <int>n, ek = <int>k, ilda = _i(lda), ildb = _i(ldb), ildc = _i(ldc)
+    cdef floating zero = 0
+    cdef Py_ssize_t i, j, e
+    cdef double ae
+    cdef floating* crow
+    cdef const floating* btrow
+    cdef double* acc
+    if use_blas:
+        if floating is float:
+            _sgemm(&trans, &notrans, &jn, &im, &ek, &alpha, <float*>b, &ildb, <float*>a, &ilda, &zero, c, &ildc)
+        else:
+            _dgemm(&trans, &notrans, &jn, &im, &ek, &alpha, <double*>b, &ildb, <double*>a, &ilda, &zero, c, &ildc)
+        return
+    # loops: transpose B once so that the innermost loop runs along contiguous rows (vectorises, no reduction);
+    # the dot products (E terms) are summed in double, then scaled: as accurate as a pairwise float32 sum
+    acc = <double*>((<size_t>(bt + k * n) + 7) & ~(<size_t>7))   # n doubles after the transposed B
+    for j in range(n):
+        for e in range(k):
+            bt[e * n + j] = b[j * ldb + e]
+    for i in range(m):
+        crow = c + i * ldc
+        for j in range(n):
+            acc[j] = 0
+        for e in range(k):
+            ae = a[i * lda + e]
+            btrow = bt + e * n
+            for j in range(n):
+                acc[j] = acc[j] + ae * btrow[j]
+        for j in range(n):
+            crow[j] = <floating>(alpha * acc[j])
+
+
+cdef void _gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+                   const floating* b, Py_ssize_t ldb, bint accumulate, floating* c, Py_ssize_t ldc,
+                   bint use_blas) noexcept nogil:
+    """c[i, j] (+)= Σ_e a[i, e]·b[e, j] for i < m, j < n (C = A·B, added to C when accumulate)."""
+    cdef char notrans = b'N'
+    cdef int im = <int>m, jn = <int>n, ek = <int>k, ilda = _i(lda), ildb = _i(ldb), ildc = _i(ldc)
+    cdef floating one = 1, beta = 1 if accumulate else 0
+    cdef Py_ssize_t i, j, e
+    cdef floating ae
+    cdef floating* crow
+    cdef const floating* brow
+    if use_blas:
+        if floating is float:
+            _sgemm(&notrans, &notrans, &jn, &im, &ek, &one, <float*>b, &ildb, <float*>a, &ilda, &beta, c, &ildc)
+        else:
+            _dgemm(&notrans, &notrans, &jn, &im, &ek, &one, <double*>b, &ildb, <double*>a, &ilda, &beta, c, &ildc)
+        return
+    for i in range(m):
+        crow = c + i * ldc
+        if not accumulate:
+            for j in range(n):
+                crow[j] = 0
+        for e in range(k):
+            ae = a[i * lda + e]
+            brow = b + e * ldb
+            for j in range(n):
+                crow[j] = crow[j] + ae * brow[j]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masking one row of scores: s[j0:j0+n] of query i
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef struct Masks:
+    bint causal
+    Py_ssize_t causal_offset
+    const char* mask           # NULL when has_mask is False; else &mask[0, 0, 0, 0], strides in bytes below
+    Py_ssize_t ms0, ms1, ms2, ms3
+    const char* key_bias       # NULL when has_key_bias is False
+    Py_ssize_t ks0, ks1
+
+
+cdef inline void _mask_row(floating* srow, Py_ssize_t n, Py_ssize_t b, Py_ssize_t h, Py_ssize_t i,
+                           Py_ssize_t j0, const Masks* mk) noexcept nogil:
+    """s[i, j0 + c] += mask[b, h, i, j0 + c] + key_bias[b, j0 + c] (those present); causal hidden -> -inf."""
+    cdef Py_ssize_t c, first_hidden
+    cdef const char* mrow
+    cdef const char* krow
+    if mk.mask != NULL:
+        mrow = mk.mask + b * mk.ms0 + h * mk.ms1 + i * mk.ms2 + j0 * mk.ms3
+        for c in range(n):
+            srow[c] = srow[c] + (<const floating*>(mrow + c * mk.ms3))[0]
+    if mk.key_bias != NULL:
+        krow = mk.key_bias + b * mk.ks0 + j0 * mk.ks1
+        for c in range(n):
+            srow[c] = srow[c] + (<const floating*>(krow + c * mk.ks1))[0]
+    if mk.causal:
+        first_hidden = i + mk.causal_offset + 1 - j0     # key j is visible iff j <= i + causal_offset
+        if first_hidden < 0:
+            first_hidden = 0
+        for c in range(first_hidden, n):
+            srow[c] = -INFINITY
+
+
+cdef inline Py_ssize_t _visible_end(Py_ssize_t i_last, Py_ssize_t S, const Masks* mk) noexcept nogil:
+    """Keys [0, end) can be visible to queries up to i_last (all S unless causal)."""
+    cdef Py_ssize_t end = S
+    if mk.causal:
+        end = i_last + mk.causal_offset + 1
+        end = 0 if end < 0 else (S if end > S else end)
+    return end
+
+
+cdef int _masks_from(Masks* mk, bint causal, Py_ssize_t causal_offset, const floating[:, :, :, :] mask,
+                     bint has_mask, const floating[:, :] key_bias, bint has_key_bias) except -1:
+    mk.causal = causal
+    mk.causal_offset = causal_offset
+    mk.mask = NULL
+    mk.key_bias = NULL
+    if has_mask:
+        mk.mask = <const char*>&mask[0, 0, 0, 0]
+        mk.ms0, mk.ms1, mk.ms2, mk.ms3 = mask.strides[0], mask.strides[1], mask.strides[2], mask.strides[3]
+    if has_key_bias:
+        mk.key_bias = <const char*>&key_bias[0, 0]
+        mk.ks0, mk.ks1 = key_bias.strides[0], key_bias.strides[1]
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
+           double scale, bint causal, Py_ssize_t causal_offset, const floating[:, :, :, :] mask, bint has_mask,
+           const floating[:, :] key_bias, bint has_key_bias):
+    """out[b, h, i, j] = scale·⟨q[b, h, i], k[b, h // g, j]⟩ (+ mask) (+ key_bias); causal hidden -> -inf."""
+    cdef Py_ssize_t B = q.shape[0], Hq = q.shape[1], L = q.shape[2], E = q.shape[3]
+    cdef Py_ssize_t Hkv = k.shape[1], S = k.shape[2]
+    if B * Hq * L * S == 0:
+        return
+    cdef Py_ssize_t group = Hq // Hkv
+    cdef Masks mk
+    _masks_from(&mk, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
+    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * E, L, max(L, S, E))
+    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
+    cdef Py_ssize_t BK = _BLAS_BK if use_blas else _LOOP_BK
+    cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ
+    cdef floating alpha = <floating>scale
+    cdef const floating* qp = &q[0, 0, 0, 0]
+    cdef const floating* kp = &k[0, 0, 0, 0]
+    cdef floating* op = &out[0, 0, 0, 0]
+    cdef Py_ssize_t w, b, h, i0, nq, jt, j0, nk, r, c, end
+    cdef floating* srow
+    cdef floating* bt = NULL
+    cdef int failed = 0
+    cdef int* failed_flag = &failed             # shared: written through the pointer
+    cdef int saved = _blas_one_thread(use_blas)
+    with nogil, parallel(num_threads=_n_threads):
+        if not use_blas:
+            bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64)
+        for w in prange(B * Hq * n_qt, schedule="dynamic"):
+            if bt == NULL and not use_blas:
+                failed_flag[0] = 1
+                continue
+            b = w // (Hq * n_qt)
+            h = (w // n_qt) % Hq
+            i0 = (w % n_qt) * BQ
+            nq = min(BQ, L - i0)
+            end = _visible_end(i0 + nq - 1, S, &mk)
+            for jt in range((end + BK - 1) // BK):  # scale·QKᵀ on the key tiles that can be visible
+                j0 = jt * BK
+                nk = min(BK, end - j0)
+                _gemm_nt(nq, nk, E, alpha, qp + ((b * Hq + h) * L + i0) * E, E,
+                         kp + (b * Hkv + h // group) * S * E + j0 * E, E,
+                         op + ((b * Hq + h) * L + i0) * S + j0, S, bt, use_blas)
+            for r in range(nq):                     # masks; the keys past `end` are hidden
+                srow = op + ((b * Hq + h) * L + i0 + r) * S
+                _mask_row(srow, end, b, h, i0 + r, 0, &mk)
+                for c in range(end, S):
+                    srow[c] = -INFINITY
+        free(bt)
+    _blas_restore(saved)
+    if failed:
+        raise MemoryError("scores: no memory for the per-thread tile buffers")
+
+
+def softmax(floating[:, ::1] out, const floating[:, ::1] s):
+    """out[r] = exp(s[r] - max) / sum, row by row; a row of -inf gives zeros. out may be s itself."""
+    cdef Py_ssize_t R = s.shape[0], S = s.shape[1], r, c
+    if R * S == 0:
+        return
+    cdef floating* orow
+    cdef const floating* srow
+    cdef double mx, total
+    cdef floating inv
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            orow = &out[r, 0]
+            srow = &s[r, 0]
+            if <const floating*>orow != srow:
+                memcpy(orow, srow, S * sizeof(floating))
+            mx = row_max(orow, S)
+            total = exp_shift_sum(orow, S, mx if mx != -INFINITY else 0.0)  # NaN stays: exp(NaN) = NaN
+            if total == 0:                   # every score -inf: no key to attend to
+                memset(orow, 0, S * sizeof(floating))
+            else:
+                inv = <floating>(1.0 / total)
+                for c in range(S):
+                    orow[c] = orow[c] * inv
+
+
+def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, const floating[:, :, :, ::1] v):
+    """out[b, h] = p[b, h] @ v[b, h // g] (L×S times S×Ev)."""
+    cdef Py_ssize_t B = p.shape[0], Hq = p.shape[1], L = p.shape[2], S = p.shape[3]
+    cdef Py_ssize_t Hkv = v.shape[1], Ev = v.shape[3]
+    if B * Hq * L * Ev == 0:
+        return
+    cdef Py_ssize_t group = Hq // Hkv
+    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * Ev, L, max(L, S, Ev))
+    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
+    cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ
+    cdef const floating* pp = &p[0, 0, 0, 0]
+    cdef const floating* vp = &v[0, 0, 0, 0]
+    cdef floating* op = &out[0, 0, 0, 0]
+    cdef Py_ssize_t w, b, h, i0, nq
+    cdef int saved = _blas_one_thread(use_blas)
+    with nogil:
+        for w in prange(B * Hq * n_qt, schedule="dynamic", num_threads=_n_threads):
+            b = w // (Hq * n_qt)
+            h = (w // n_qt) % Hq
+            i0 = (w % n_qt) * BQ
+            nq = min(BQ, L - i0)
+            _gemm_nn(nq, Ev, S, pp + ((b * Hq + h) * L + i0) * S, S, vp + (b * Hkv + h // group) * S * Ev, Ev,
+                     False, op + ((b * Hq + h) * L + i0) * Ev, Ev, use_blas)
+    _blas_restore(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused attention
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef Py_ssize_t _DIAG_ROWS = 64   # on the causal diagonal, query rows go in groups of this many
+
+
+cdef void _attend_block(floating* o, const floating* q, const floating* k, const floating* v,
+                        Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk,
+                        bint first, Py_ssize_t E, Py_ssize_t Ev, floating scale, const Masks* mk,
+                        floating* sbuf, floating* bt, double* m, double* l, double* alpha,
+                        bint use_blas) noexcept nogil:
+    """One block of the online softmax: queries i0..i0+nq-1 (rows q, o, m, l, alpha) against keys j0..j0+nk-1.
+
+    m[r], l[r]: running max and sum of row r; o: its unnormalised output, rescaled by alpha = exp(m_old - m_new)
+    when the block raises the max (first: the first block of these rows, o is overwritten).
+    """
+    cdef Py_ssize_t r, c
+    cdef double m_new, tile_max, ref
+    cdef floating a
+    cdef floating* srow
+    cdef floating* orow
+    # 1. scores: sbuf[r, c] = scale·⟨q[r], k[j0 + c]⟩ + masks
+    _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, sbuf, nk, bt, use_blas)
+    # 2. online softmax: sbuf[r] becomes exp(s - m_new); l and the rescale factor follow
+    for r in range(nq):
+        srow = sbuf + r * nk
+        if mk.mask != NULL or mk.key_bias != NULL or (mk.causal and j0 + nk - 1 > i0 + r + mk.causal_offset):
+            _mask_row(srow, nk, b, h, i0 + r, j0, mk)
+        tile_max = row_max(srow, nk)
+        m_new = tile_max if tile_max > m[r] else m[r]
+        if m_new == -INFINITY:          # nothing visible yet: exp(s - 0) is 0 (or NaN for a NaN score)
+            ref, alpha[r] = 0.0, 1.0
+        elif m[r] == -INFINITY:         # first visible key: the earlier (zero) sum restarts
+            ref, alpha[r] = m_new, 0.0
+        else:
+            ref, alpha[r] = m_new, exp(m[r] - m_new)
+        l[r] = l[r] * alpha[r] + exp_shift_sum(srow, nk, ref)
+        m[r] = m_new
+    # 3. weighted sum: o = alpha·o + P·V
+    if not first:
+        for r in range(nq):
+            if alpha[r] != 1.0:
+                a = <floating>alpha[r]
+                orow = o + r * Ev
+                for c in range(Ev):
+                    orow[c] = orow[c] * a
+    _gemm_nn(nq, Ev, nk, sbuf, nk, v + j0 * Ev, Ev, not first, o, Ev, use_blas)
+
+
+cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, const floating* v,
+                             Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t S,
+                             Py_ssize_t E, Py_ssize_t Ev, Py_ssize_t BK, floating scale, const Masks* mk,
+                             floating* sbuf, floating* bt, double* m, double* l, double* alpha,
+                             bint use_blas) noexcept nogil:
+    """o[0:nq] = softmax(scale·q kᵀ + masks) v for queries i0..i0+nq-1 of head (b, h), key tile by key tile.
+
+    q: nq×E rows of this head; k: S×E, v: S×Ev of its key/value head; o: nq×Ev rows of out, also the
+    accumulator. Per-thread scratch: sbuf (nq×BK), bt (E×BK and BK doubles, loops only), m, l, alpha (nq).
+    Causal: key tiles past the last visible key are skipped; a tile that crosses the diagonal is split into
+    groups of _DIAG_ROWS rows, each computing only the keys its last row sees.
+    """
+    cdef Py_ssize_t end = _visible_end(i0 + nq - 1, S, mk)
+    cdef Py_ssize_t jt, j0, nk, r, c, g, r0, ng, nk_g
+    cdef floating inv
+    cdef floating* orow
+    for r in range(nq):
+        m[r] = -INFINITY
+        l[r] = 0.0
+    for jt in range((end + BK - 1) // BK):
+        j0 = jt * BK
+        nk = min(BK, end - j0)
+        if not mk.causal or j0 + nk - 1 <= i0 + mk.causal_offset:     # every row sees the whole tile
+            _attend_block(o, q, k, v, b, h, i0, nq, j0, nk, jt == 0, E, Ev, scale, mk,
+                          sbuf, bt, m, l, alpha, use_blas)
+            continue
+        for g in range((nq + _DIAG_ROWS - 1) // _DIAG_ROWS):
+            r0 = g * _DIAG_ROWS
+            ng = min(_DIAG_ROWS, nq - r0)
+            nk_g = min(nk, i0 + r0 + ng + mk.causal_offset - j0)       # keys up to the group's last row
+            if nk_g > 0:                 # rows that see no key of this tile see none later either
+                _attend_block(o + r0 * Ev, q + r0 * E, k, v, b, h, i0 + r0, ng, j0, nk_g, jt == 0, E, Ev,
+                              scale, mk, sbuf, bt, m + r0, l + r0, alpha + r0, use_blas)
+    # normalise; a row that saw no key (sum 0) gives zeros, a NaN row stays NaN
+    for r in range(nq):
+        orow = o + r * Ev
+        if l[r] == 0.0:
+            for c in range(Ev):
+                orow[c] = 0
+        else:
+            inv = <floating>(1.0 / l[r])
+            for c in range(Ev):
+                orow[c] = orow[c] * inv
+
+
+def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
+              const floating[:, :, :, ::1] v, double scale, bint causal, Py_ssize_t causal_offset,
+              const floating[:, :, :, :] mask, bint has_mask, const floating[:, :] key_bias, bint has_key_bias):
+    """out = softmax(scale·QKᵀ + masks) V per head, fused: O(N) extra memory, never an L×S array."""
+    cdef Py_ssize_t B = q.shape[0], Hq = q.shape[1], L = q.shape[2], E = q.shape[3]
+    cdef Py_ssize_t Hkv = k.shape[1], S = k.shape[2], Ev = v.shape[3]
+    if B * Hq * L * Ev == 0:
+        return
+    cdef Py_ssize_t group = Hq // Hkv
+    cdef Masks mk
+    _masks_from(&mk, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
+    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * (E + Ev), L, max(L, S, E, Ev))
+    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
+    cdef Py_ssize_t BK = _BLAS_BK if use_blas else _LOOP_BK
+    cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ, n_bh = B * Hq
+    cdef floating alpha_scale = <floating>scale
+    cdef const floating* qp = &q[0, 0, 0, 0]
+    cdef const floating* kp = &k[0, 0, 0, 0]
+    cdef const floating* vp = &v[0, 0, 0, 0]
+    cdef floating* op = &out[0, 0, 0, 0]
+    cdef Py_ssize_t w, bh, b, h, i0, nq
+    cdef floating* sbuf = NULL
+    cdef floating* bt = NULL
+    cdef double* stats = NULL
+    cdef int failed = 0
+    cdef int* failed_flag = &failed             # shared: written through the pointer
+    cdef int saved = _blas_one_thread(use_blas)
+    with nogil, parallel(num_threads=_n_threads):
+        sbuf = <floating*>malloc(BQ * BK * sizeof(floating) + 64)
+        bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64) if not use_blas else NULL
+        stats = <double*>malloc(3 * BQ * sizeof(double))
+        # Work items: (query tile, head). Largest query tiles first, so that under causal masking the
+        # dynamic schedule ends with the cheap tiles and the threads finish together.
+        for w in prange(n_bh * n_qt, schedule="dynamic"):
+            if sbuf == NULL or stats == NULL or (bt == NULL and not use_blas):
+                failed_flag[0] = 1
+                continue
+            bh = w % n_bh
+            b = bh // Hq
+            h = bh % Hq
+            i0 = (n_qt - 1 - w // n_bh) * BQ
+            nq = min(BQ, L - i0)
+            _attend_query_tile(op + (bh * L + i0) * Ev, qp + (bh * L + i0) * E,
+                               kp + (b * Hkv + h // group) * S * E, vp + (b * Hkv + h // group) * S * Ev,
+                               b, h, i0, nq, S, E, Ev, BK, alpha_scale, &mk,
+                               sbuf, bt, stats, stats + BQ, stats + 2 * BQ, use_blas)
+        free(sbuf)
+        free(bt)
+        free(stats)
+    _blas_restore(saved)
+    if failed:
+        raise MemoryError("attention: no memory for the per-thread tile buffers")
+
+
+def cpu_supports(str isa):
+    """Whether this CPU runs the `isa` build ("avx2": AVX2+FMA, "avx512": AVX-512 F/DQ/BW/VL)."""
+    return bool(fa_cpu_supports({"avx2": 1, "avx512": 2}.get(isa, 0)))
+
+
+def openmp_enabled():
+    """True when this extension was compiled with OpenMP (else its kernels run on one thread)."""
+    return bool(FA_OPENMP_ENABLED)
+
+
+def get_num_threads():
+    return _n_threads if FA_OPENMP_ENABLED else 1

@@ -1,0 +1,110 @@
+"""Find the BLAS that SciPy exports to Cython, and the knob that keeps OpenBLAS to one thread.
+
+The attention kernels multiply tiles with ``sgemm``/``dgemm`` when they are worth it. They take the routines
+from ``scipy.linalg.cython_blas`` at run time (its ``__pyx_capi__`` capsules), so SciPy is needed neither to
+build fastattn nor to run it: without SciPy the kernels use their own loops.
+
+The gemm calls run inside an OpenMP parallel region, one tile per thread. A threaded OpenBLAS would start its own
+threads on top of those (oversubscription), so while a kernel runs it sets OpenBLAS to one thread and then puts
+the previous count back. OpenBLAS has no per-thread setting that works in its pthreads builds
+(``openblas_set_num_threads_local`` is process-wide there), hence the save-and-restore around each call.
+Only libraries with the 32-bit-integer (LP64) names are touched: NumPy's own ILP64 OpenBLAS (``...64_`` names),
+which SciPy's Cython BLAS does not call, is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads")
+_GETTERS = ("openblas_get_num_threads", "scipy_openblas_get_num_threads")
+
+
+def disabled_reason() -> str | None:
+    """Why BLAS must not be used (the ``FASTATTN_CYTHON_BLAS=0`` switch), else None."""
+    if os.environ.get("FASTATTN_CYTHON_BLAS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "FASTATTN_CYTHON_BLAS=0 turned BLAS off"
+    return None
+
+
+def _cython_blas_module():
+    """``scipy.linalg.cython_blas``, loaded without running ``scipy/linalg/__init__.py`` when that is not done yet.
+
+    Importing ``scipy.linalg`` takes ~0.25 s (it imports much of SciPy); the extension module alone ~0.05 s.
+    It is registered under its own name, so a later ``import scipy.linalg`` uses this very module. Should the
+    shortcut fail (another SciPy layout), the ordinary import runs.
+    """
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules or "scipy.linalg" in sys.modules:
+        return importlib.import_module(name)
+    try:
+        import scipy
+
+        folder = os.path.join(os.path.dirname(scipy.__file__), "linalg")
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "cython_blas" + suffix)
+            if os.path.exists(path):
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+                return module
+    except ImportError:
+        raise
+    except Exception:  # noqa: BLE001 - any surprise in the shortcut: take the ordinary road
+        pass
+    return importlib.import_module(name)
+
+
+def gemm_capsules():
+    """The ``sgemm`` and ``dgemm`` capsules of ``scipy.linalg.cython_blas`` (ImportError without SciPy)."""
+    capi = _cython_blas_module().__pyx_capi__
+    return capi["sgemm"], capi["dgemm"]
+
+
+def _loaded_libraries() -> list[str]:
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
+            return sorted(p for p in paths if p.startswith("/"))
+        except OSError:
+            pass
+    import scipy  # where the wheels keep their OpenBLAS (scipy.libs, scipy/.dylibs, scipy_openblas32)
+
+    site = os.path.dirname(os.path.dirname(scipy.__file__))
+    found = []
+    for pattern in ("scipy.libs/*", "scipy/.dylibs/*", "scipy_openblas32/lib/*"):
+        found += glob.glob(os.path.join(site, pattern))
+    return found
+
+
+def openblas_thread_api() -> tuple[int, int, str] | None:
+    """Addresses of ``(set_num_threads(int), get_num_threads())`` of the loaded LP64 OpenBLAS, and its path.
+
+    None when no such library is loaded (SciPy on MKL, BLIS or Accelerate: not limited, see the module doc).
+    """
+    candidates = [p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()]
+    candidates.sort(key=lambda p: "scipy" not in p)  # SciPy's own first, should several be loaded
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in zip(_SETTERS, _GETTERS, strict=True):
+            setter = getattr(lib, set_name, None)
+            getter = getattr(lib, get_name, None)
+            if setter is not None and getter is not None:
+                as_address = ctypes.cast(setter, ctypes.c_void_p).value, ctypes.cast(getter, ctypes.c_void_p).value
+                return as_address[0], as_address[1], path
+    return None

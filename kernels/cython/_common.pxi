@@ -1,0 +1,168 @@
+# Helpers shared by the Cython kernels (textually included by each .pyx: `include "_common.pxi"`):
+# the OpenMP shim, the fused floating type, a vectorisable exp, and row reductions.
+#
+# Everything here is inline, so each extension carries its own copy and none imports another at run time.
+# The loops are written so that gcc vectorises them without -ffast-math: no float reduction runs in one
+# accumulator (they use LANES partial results), and branches are plain selects.
+
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t
+
+# OpenMP, probed at build time: setup.py compiles with -fopenmp when a test program builds, else without.
+# Cython's prange hides its pragmas behind `#ifdef _OPENMP`, so the same code builds serial kernels.
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FA_OPENMP_ENABLED 1
+    static int fa_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    #define FA_OPENMP_ENABLED 0
+    static int fa_omp_max_threads(void) { return 1; }
+    #endif
+    """
+    const int FA_OPENMP_ENABLED
+    int fa_omp_max_threads() noexcept nogil
+
+
+# Which instruction sets the CPU (and the OS) supports, for choosing among the ISA builds (see setup.py).
+cdef extern from *:
+    """
+    #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+    static inline int fa_cpu_supports(int isa) {
+        __builtin_cpu_init();
+        if (isa == 1)
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        if (isa == 2)
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+                && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return 0;
+    }
+    #else
+    static inline int fa_cpu_supports(int isa) { (void)isa; return 0; }
+    #endif
+    """
+    int fa_cpu_supports(int isa) noexcept nogil
+
+
+ctypedef fused floating:
+    float
+    double
+
+# Partial results per reduction: 16 floats are one AVX-512 register, four SSE2 registers.
+# The row maximum uses MAX_LANES: gcc unrolls a 16-wide max block completely and then keeps it scalar.
+cdef enum:
+    LANES = 16
+    MAX_LANES = 64
+
+cdef union _f32bits:
+    float f
+    int32_t i
+
+
+cdef inline float _fexpf_core(float x) noexcept nogil:
+    """e^x for x in [-87, 88] (NaN in, NaN out): Cephes' expf without its branches.
+
+    Range reduction x = n·ln2 + r with |r| <= ln2/2 (ln2 split in two so that r is exact), e^r by a degree-7
+    polynomial (relative error about 1e-7), and 2^n built in the exponent bits of a float.
+    """
+    cdef float t, n, r, p
+    cdef _f32bits two_n
+    cdef float log2e = 1.44269504088896341, shifter = 12582912.0   # 1.5·2^23
+    cdef float ln2_hi = 0.693359375, ln2_lo = -2.12194440e-4, one = 1.0
+    t = x * log2e + shifter                  # rounds x·log2(e) to the nearest integer n, kept in t's low bits
+    n = t - shifter
+    r = x - n * ln2_hi
+    r = r - n * ln2_lo
+    p = <float>1.9875691500e-4
+    p = p * r + <float>1.3981999507e-3
+    p = p * r + <float>8.3334519073e-3
+    p = p * r + <float>4.1665795894e-2
+    p = p * r + <float>1.6666665459e-1
+    p = p * r + <float>5.0000001201e-1
+    p = p * r * r + r + one
+    two_n.f = t
+    two_n.i = (two_n.i - 0x4B400000 + 127) << 23   # 2^n in the exponent bits
+    return p * two_n.f
+
+
+cdef inline float fexpf(float x) noexcept nogil:
+    """exp(x) in float32 for any x, branch-free so that a loop over it vectorises (relative error ~1e-7).
+
+    x < -87.3 (including -inf) gives 0, x > 88.7 gives inf, NaN stays NaN.
+    """
+    cdef float lo = -87.0, hi = 88.0, zero = 0.0
+    cdef float xc = lo if x < lo else x      # NaN passes the clamps (comparisons with NaN are false)
+    xc = hi if xc > hi else xc
+    cdef float p = _fexpf_core(xc)
+    p = zero if x < <float>-87.33654 else p
+    return <float>INFINITY if x > <float>88.72283 else p
+
+
+cdef inline float fexpf_neg(float x) noexcept nogil:
+    """exp(x) in float32 for x <= 0, -inf or NaN (what a softmax feeds it): fexpf without the overflow side.
+
+    x < -87.3 (including -inf) gives 0, NaN stays NaN. About 20% cheaper than fexpf.
+    """
+    cdef float lo = -87.0, zero = 0.0
+    cdef float p = _fexpf_core(lo if x < lo else x)
+    return zero if x < <float>-87.33654 else p
+
+
+cdef inline double row_max(const floating* row, Py_ssize_t n) noexcept nogil:
+    """Largest entry of row[0:n] ignoring NaN; -inf when n == 0 or all are -inf/NaN."""
+    cdef floating acc[MAX_LANES]
+    cdef floating x
+    cdef Py_ssize_t j, u
+    cdef Py_ssize_t nfull = n - n % MAX_LANES
+    for u in range(MAX_LANES):
+        acc[u] = -INFINITY
+    for j in range(0, nfull // MAX_LANES):
+        for u in range(MAX_LANES):
+            x = row[j * MAX_LANES + u]
+            acc[u] = x if x > acc[u] else acc[u]
+    for j in range(nfull, n):
+        x = row[j]
+        acc[0] = x if x > acc[0] else acc[0]
+    for u in range(1, MAX_LANES):
+        acc[0] = acc[u] if acc[u] > acc[0] else acc[0]
+    return acc[0]
+
+
+cdef inline double exp_shift_sum(floating* row, Py_ssize_t n, double ref) noexcept nogil:
+    """row[j] = exp(row[j] - ref) in place; returns the sum (partial sums in LANES, combined in double).
+
+    ref must be >= every entry (a softmax passes the row maximum, or 0 for a row of -inf): float32 then uses
+    fexpf_neg. -inf entries give 0, NaN entries NaN.
+    """
+    cdef floating acc[LANES]
+    cdef floating p
+    cdef floating m = <floating>ref
+    cdef Py_ssize_t j, u
+    cdef Py_ssize_t nfull = n - n % LANES
+    cdef double total = 0.0
+    for u in range(LANES):
+        acc[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            if floating is float:
+                p = fexpf_neg(row[j * LANES + u] - m)
+            else:
+                p = _exp(row[j * LANES + u] - m)
+            row[j * LANES + u] = p
+            acc[u] = acc[u] + p
+    for j in range(nfull, n):
+        if floating is float:
+            p = fexpf_neg(row[j] - m)
+        else:
+            p = _exp(row[j] - m)
+        row[j] = p
+        total += p
+    for u in range(LANES):
+        total += acc[u]
+    return total
+
+
+cdef extern from "<math.h>" nogil:
+    double _exp "exp"(double x)

@@ -19,18 +19,26 @@ def _describe(a) -> str:
     return f"dtype={a.dtype}" if isinstance(a, np.ndarray) else f"type {type(a).__name__}"
 
 
+def _asarray(name: str, a) -> np.ndarray:
+    """``np.asarray(a)``, with NumPy's complaint about a ragged nested sequence rephrased to name the argument."""
+    try:
+        return np.asarray(a)
+    except ValueError as exc:  # "setting an array element with a sequence ... inhomogeneous shape"
+        raise ValueError(f"{name} must be a rectangular array, got a ragged nested sequence ({exc})") from None
+
+
 def float_array(name: str, a, *, min_ndim: int = 0, ndim: int | None = None) -> np.ndarray:
     """``a`` as a float32/float64 ndarray (a view when possible), checking its kind and dimensions."""
     if isinstance(a, (str, bytes)) or a is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got {_describe(a)}")
-    arr = np.asarray(a)
+    arr = _asarray(name, a)
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a float32 or float64 array, got: {name}.dtype={arr.dtype}; "
             f"convert it with {name}.astype(np.float32)"
         )
     if ndim is not None and arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {arr.shape}")
     if arr.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {arr.shape}")
     return arr
@@ -52,18 +60,33 @@ def token_ids(name: str, ids, vocab_size: int) -> np.ndarray:
     """Integer ids, each in [0, vocab_size); returns an int64 array of the same shape."""
     if isinstance(ids, (str, bytes)) or ids is None:
         raise TypeError(f"{name} must be an integer array, got {_describe(ids)}")
-    arr = np.asarray(ids)
+    arr = _asarray(name, ids)
+    if arr.size == 0 and not isinstance(ids, np.ndarray):  # [] or [[]] is float64 to NumPy: no ids (as NumPy's
+        arr = arr.astype(np.int64)  # own indexing treats an empty list)
+    if arr.dtype == object and arr.size and all(_is_int(i) for i in arr.flat):
+        # Python ints beyond int64 (e.g. [2**70]) make an object array: still ids, and out of any vocabulary.
+        lo, hi = min(int(i) for i in arr.flat), max(int(i) for i in arr.flat)
+        _check_id_range(name, lo, hi, vocab_size)
+        return arr.astype(np.int64)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array of token ids, got: {name}.dtype={arr.dtype}")
     if arr.size:
-        lo, hi = arr.min(), arr.max()
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise IndexError(
-                f"{name} holds id {int(bad)}, outside the vocabulary of size {vocab_size} "
-                f"(ids must lie in [0, {vocab_size}); negative ids do not wrap around)"
-            )
+        _check_id_range(name, int(arr.min()), int(arr.max()), vocab_size)
     return arr.astype(np.int64, copy=False)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_id_range(name: str, lo: int, hi: int, vocab_size: int) -> None:
+    """IndexError unless every id lies in [0, vocab_size) (``lo``, ``hi``: the smallest and largest id)."""
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise IndexError(
+            f"{name} holds id {bad}, outside the vocabulary of size {vocab_size} "
+            f"(ids must lie in [0, {vocab_size}); negative ids do not wrap around)"
+        )
 
 
 def positive_int(name: str, value, *, allow_zero: bool = False) -> int:
@@ -110,7 +133,7 @@ def mask_array(name: str, mask, dtype: np.dtype, target: tuple[int, ...]) -> np.
     to ``target``. The mask keeps its own shape: nothing of size ``target`` is built here."""
     if isinstance(mask, (str, bytes)):
         raise TypeError(f"{name} must be a boolean or float array, got {_describe(mask)}")
-    m = np.asarray(mask)
+    m = _asarray(name, mask)
     if m.dtype != np.bool_ and m.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a boolean (True = takes part) or float (added to the scores) array, "
@@ -132,7 +155,7 @@ def key_padding(name: str, mask, dtype: np.dtype, batch: int, n_keys: int) -> np
     or float (added to every score of that key). Returns the additive (B or 1, S) bias."""
     if isinstance(mask, (str, bytes)):
         raise TypeError(f"{name} must be a boolean or float array, got {_describe(mask)}")
-    m = np.asarray(mask)
+    m = _asarray(name, mask)
     if m.dtype != np.bool_ and m.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a boolean (True = padding, ignored) or float array, got: {name}.dtype={m.dtype}"

@@ -179,14 +179,31 @@ def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, backend=None) ->
 # --------------------------------------------------------------------------------------------------------------
 # 3. Attention
 # --------------------------------------------------------------------------------------------------------------
-def _flat_view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Reshape a (possibly broadcast) array without copying when strides allow it, else copy."""
-    view = a.view()
+def _reshape_no_copy(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``a`` reshaped as a view (strides allowing), else None."""
     try:
-        view.shape = shape
-    except AttributeError:
-        return np.ascontiguousarray(a).reshape(shape)
-    return view
+        return np.reshape(a, shape, copy=False)
+    except ValueError:  # it would need a copy
+        return None
+    except TypeError:  # NumPy < 2.1: no copy= argument
+        view = a.view()
+        try:
+            view.shape = shape
+        except AttributeError:
+            return None
+        return view
+
+
+def _mask_4d(m: np.ndarray, batch: tuple[int, ...], heads: int, L: int, S: int) -> np.ndarray:
+    """A mask that broadcasts to ``batch + (heads, L, S)`` as a (B, heads, L, S) view with zero strides where it
+    broadcasts. The mask's own (heads, L, S) extents are never expanded; at worst its batch part is copied out."""
+    nb = len(batch)
+    m = m.reshape((1,) * (nb + 3 - m.ndim) + m.shape)  # (b..., h or 1, L or 1, S or 1)
+    own = m.shape[nb:]
+    flat = _reshape_no_copy(m, (math.prod(m.shape[:nb]),) + own)
+    if flat is None or m.shape[:nb] not in (batch, (1,) * nb):  # batch dims that neither match nor are all 1
+        flat = np.ascontiguousarray(np.broadcast_to(m, batch + own)).reshape((math.prod(batch),) + own)
+    return np.broadcast_to(flat, (math.prod(batch), heads, L, S))
 
 
 def _run_attention(kern, q, k, v, scale, causal, causal_offset, mask, key_bias) -> np.ndarray:
@@ -239,6 +256,14 @@ def scaled_dot_product_attention(
     -------
     ndarray, shape (..., L, Ev), dtype of the inputs. A row with no key to attend to is zeros, never NaN.
 
+    Notes
+    -----
+    Non-finite input: a NaN or ±inf anywhere in query row i makes output row i NaN and leaves every other row
+    bitwise unchanged. A NaN in a key, a value or a float mask entry reaches the rows that attend to it; rows for
+    which it is masked out may stay finite or be NaN depending on the backend (the oracle multiplies a zero weight
+    by NaN). Float masks may hold ``-inf``; a row whose every score is ``-inf`` gives zeros. With ``E = 0`` every
+    score is 0, so each row averages the values it may see (as PyTorch does).
+
     Examples
     --------
     >>> import numpy as np, fastattn
@@ -263,7 +288,10 @@ def scaled_dot_product_attention(
         raise ValueError(f"query and key must share the last dimension E, got query {q.shape} and key {k.shape}")
     if v.shape[-2] != S:
         raise ValueError(f"key and value must share the sequence dimension S, got key {k.shape} and value {v.shape}")
-    scale = 1.0 / math.sqrt(E) if scale is None else V.real_number("scale", scale)
+    if scale is None:  # E = 0: every score is an empty sum, 0, whatever the scale (PyTorch: uniform weights)
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    else:
+        scale = V.real_number("scale", scale)
     Ev = v.shape[-1]
 
     # Leading dims: batch (...) and heads; a key/value head dim of 1, or Hkv dividing Hq with GQA, is not copied.
@@ -273,7 +301,7 @@ def scaled_dot_product_attention(
         Hq, Hk, Hv = qs[-3], ks[-3], vs[-3]
         if Hk != Hv:
             raise ValueError(f"key and value must have the same number of heads, got key {k.shape} and value {v.shape}")
-        if Hq == 1 and Hk > 1 and not enable_gqa:
+        if Hq == 1 and Hk != 1 and not enable_gqa:
             Hq = Hk  # a single query head broadcasts over the key/value heads
         if enable_gqa:
             if Hk == 0 or Hq % Hk:
@@ -301,7 +329,7 @@ def scaled_dot_product_attention(
     mask = None
     if attn_mask is not None:
         m = V.mask_array("attn_mask", attn_mask, dtype, lead + (L, S))
-        mask = _flat_view(np.broadcast_to(m, lead + (L, S)), (B, Hq, L, S))
+        mask = _mask_4d(m, batch, Hq, L, S)
     out = _run_attention(_backends.kernels(backend), q4, k4, v4, scale, is_causal, 0, mask, None)
     return out.reshape(lead + (L, Ev))
 

@@ -1,0 +1,151 @@
+"""The ``"numpy"`` backend's block kernels: the rest of a transformer block, written literally from the math.
+
+These are the oracle for ``kernels/numba/blocks.py`` and ``kernels/cython/blocks.py`` (same names, same signatures)
+and what ``fastattn.models`` runs on ``backend="numpy"``. Clear over fast, like ``fastattn.oracle``.
+
+The contract every backend keeps (the caller, ``fastattn.models``, guarantees it):
+
+- arrays are C-contiguous and of one float dtype (float32 or float64); ids are int64 and already in range;
+- row-wise kernels take 2-D ``(R, D)`` arrays; ``bias``, ``gamma``, ``beta`` are ``(D,)``; ``eps`` is a float;
+- the output comes first and kernels return nothing. Element-wise kernels may be called with ``out is x`` (in place);
+  the LayerNorm kernels may be called with ``out`` (or ``out_sum``) being ``x`` or ``residual``.
+
+Kernels (``y`` is ``x + bias`` in the ``bias_*`` forms):
+
+- ``embedding(out, ids, table, position_ids, positions, type_ids, type_table, has_types)``:
+  ``out[t] = table[ids[t]] + positions[position_ids[t]] (+ type_table[type_ids[t]])``, ``out`` (T, D).
+- ``layer_norm(out, x, gamma, beta, eps)``: ``(x - mean) / sqrt(var + eps) * gamma + beta`` per row (biased var).
+- ``gelu(out, x)``, ``bias_gelu(out, x, bias)``: ``0.5 y (1 + erf(y / sqrt 2))``.
+- ``gelu_tanh(out, x)``, ``bias_gelu_tanh(out, x, bias)``: ``0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))``.
+- ``bias_residual(out, x, bias, residual)``: ``x + bias + residual``.
+- ``bias_residual_layer_norm(out, x, bias, residual, gamma, beta, eps)``: ``layer_norm(x + bias + residual)``
+  (a post-LN block: BERT).
+- ``bias_residual_and_layer_norm(out_sum, out_norm, x, bias, residual, gamma, beta, eps)``: both the new residual
+  stream ``x + bias + residual`` and its LayerNorm (a pre-LN block: GPT-2).
+- ``split_qkv(q, k, v, qkv, bias, offset)``: ``qkv + bias`` (B, L, 3·H·d) split into heads, ``q`` (B, H, L, d);
+  ``k, v`` (B, H, T, d) receive rows ``offset .. offset + L - 1`` (a KV cache), nothing else is written.
+- ``merge_heads(out, o)``: ``o`` (B, H, L, d) -> ``out`` (B, L, H·d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _numpy_backend
+
+__all__ = [
+    "embedding",
+    "layer_norm",
+    "gelu",
+    "gelu_tanh",
+    "bias_gelu",
+    "bias_gelu_tanh",
+    "bias_residual",
+    "bias_residual_layer_norm",
+    "bias_residual_and_layer_norm",
+    "split_qkv",
+    "merge_heads",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+try:  # the same function, computed by a vectorised library routine when SciPy happens to be installed
+    from scipy.special import erf as _erf
+except ImportError:  # pragma: no cover - depends on the environment
+    _erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The math, one operation per function
+# --------------------------------------------------------------------------------------------------------------
+def erf(x):
+    """The error function, element-wise, in float64."""
+    return _erf(np.asarray(x, dtype=np.float64))
+
+
+def gelu_exact(y):
+    """GELU with the Gaussian CDF: 0.5 y (1 + erf(y / √2)). Computed in float64, returned in y's dtype."""
+    y64 = np.asarray(y, dtype=np.float64)
+    return (0.5 * y64 * (1.0 + erf(y64 / math.sqrt(2.0)))).astype(np.asarray(y).dtype)
+
+
+def gelu_tanh_form(y):
+    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 y (1 + tanh(√(2/π) (y + 0.044715 y³)))."""
+    y64 = np.asarray(y, dtype=np.float64)
+    inner = math.sqrt(2.0 / math.pi) * (y64 + 0.044715 * y64**3)
+    return (0.5 * y64 * (1.0 + np.tanh(inner))).astype(np.asarray(y).dtype)
+
+
+def layer_norm_rows(x, gamma, beta, eps):
+    """LayerNorm of each row of x (R, D): biased variance, statistics in float64, result in x's dtype."""
+    x64 = np.asarray(x, dtype=np.float64)  # (R, D)
+    mean = x64.mean(axis=-1, keepdims=True)  # (R, 1)
+    var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)  # (R, 1)
+    return ((x64 - mean) / np.sqrt(var + eps) * gamma + beta).astype(x.dtype)  # (R, D)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The kernels (output first, as the compiled backends)
+# --------------------------------------------------------------------------------------------------------------
+def embedding(out, ids, table, position_ids, positions, type_ids, type_table, has_types):
+    _numpy_backend.gather(out, ids, table)  # (T, D): the one-hot product, a block of tokens at a time
+    out += positions[position_ids]  # (T, D) + (T, D)
+    if has_types:
+        out += type_table[type_ids]  # (T, D)
+
+
+def layer_norm(out, x, gamma, beta, eps):
+    out[...] = layer_norm_rows(x, gamma, beta, eps)
+
+
+def gelu(out, x):
+    out[...] = gelu_exact(x)
+
+
+def gelu_tanh(out, x):
+    out[...] = gelu_tanh_form(x)
+
+
+def bias_gelu(out, x, bias):
+    out[...] = gelu_exact(x + bias)
+
+
+def bias_gelu_tanh(out, x, bias):
+    out[...] = gelu_tanh_form(x + bias)
+
+
+def bias_residual(out, x, bias, residual):
+    out[...] = x + bias + residual
+
+
+def bias_residual_layer_norm(out, x, bias, residual, gamma, beta, eps):
+    out[...] = layer_norm_rows(x + bias + residual, gamma, beta, eps)
+
+
+def bias_residual_and_layer_norm(out_sum, out_norm, x, bias, residual, gamma, beta, eps):
+    total = x + bias + residual  # (R, D)
+    out_sum[...] = total
+    out_norm[...] = layer_norm_rows(total, gamma, beta, eps)
+
+
+def split_qkv(q, k, v, qkv, bias, offset):
+    B, H, L, d = q.shape
+    y = (qkv + bias).reshape(B, L, 3, H, d)  # (B, L, 3, H, d)
+    q[...] = y[:, :, 0].transpose(0, 2, 1, 3)  # (B, H, L, d)
+    k[:, :, offset : offset + L] = y[:, :, 1].transpose(0, 2, 1, 3)
+    v[:, :, offset : offset + L] = y[:, :, 2].transpose(0, 2, 1, 3)
+
+
+def merge_heads(out, o):
+    B, H, L, d = o.shape
+    out[...] = o.transpose(0, 2, 1, 3).reshape(B, L, H * d)  # (B, L, H·d)
+
+
+def get_num_threads():
+    return 1
+
+
+def set_num_threads(n):
+    """The oracle is single-threaded NumPy; its thread count cannot change."""

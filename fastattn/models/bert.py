@@ -1,0 +1,525 @@
+"""BERT-family encoders (BERT, and RoBERTa's position numbering) on fastattn's kernels.
+
+One block, post-LayerNorm, as Hugging Face's ``BertLayer`` computes it, with the kernel that runs each line::
+
+    qkv = x @ W_qkv                                    BLAS (Q, K and V weights concatenated at load)
+    q, k, v = heads(qkv + b_qkv)                       split_qkv
+    o = softmax(q kᵀ / √d + padding) v                 the fused attention kernel, padding as a key bias
+    h = LayerNorm(merge(o) @ W_o + b_o + x)            BLAS, merge_heads, bias_residual_layer_norm
+    x' = LayerNorm(GELU(h @ W_in + b_in) @ W_out + b_out + h)     BLAS, bias_gelu, BLAS, bias_residual_layer_norm
+
+The embeddings are one gather kernel (word + position + token type rows) and a LayerNorm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _validation as V
+from . import _ops
+from ._checkpoint import CheckpointError, TensorStore, config_value, read_config, read_json
+from .tokenizer import Tokenizer
+
+__all__ = ["BertConfig", "BertModel", "EncoderOutput"]
+
+#: model_type values run by BertModel, and the tensor prefixes their task checkpoints use.
+MODEL_TYPES = {
+    "bert": ("", "bert."),
+    "roberta": ("", "roberta."),
+    "xlm-roberta": ("", "roberta."),
+    "camembert": ("", "roberta."),
+}
+#: model types that number positions from padding_idx + 1, skipping padding (RoBERTa's create_position_ids).
+_PADDING_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of ``config.json`` that the encoder uses (Hugging Face names in the comments)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int  # num_hidden_layers
+    num_heads: int  # num_attention_heads
+    intermediate_size: int
+    max_positions: int  # max_position_embeddings
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+
+    @classmethod
+    def from_dict(cls, config: dict) -> BertConfig:
+        model_type = config.get("model_type", "bert")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(
+                f"config.json: position_embedding_type={config['position_embedding_type']!r} is not supported "
+                "(only 'absolute' learned positions)"
+            )
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise CheckpointError("config.json: is_decoder / add_cross_attention models are not supported")
+        out = cls(
+            model_type=model_type,
+            vocab_size=config_value(config, "vocab_size", int),
+            hidden_size=config_value(config, "hidden_size", int),
+            num_layers=config_value(config, "num_hidden_layers", int),
+            num_heads=config_value(config, "num_attention_heads", int),
+            intermediate_size=config_value(config, "intermediate_size", int),
+            max_positions=config_value(config, "max_position_embeddings", int),
+            type_vocab_size=config_value(config, "type_vocab_size", int, default=2),
+            layer_norm_eps=config_value(config, "layer_norm_eps", float, default=1e-12),
+            hidden_act=config_value(config, "hidden_act", str, default="gelu"),
+            pad_token_id=config_value(config, "pad_token_id", int, default=0),
+        )
+        if out.num_heads == 0 or out.hidden_size % out.num_heads:
+            raise CheckpointError(
+                f"config.json: hidden_size={out.hidden_size} does not split into num_attention_heads="
+                f"{out.num_heads} heads"
+            )
+        _ops.activation_kernel(out.hidden_act, "hidden_act")
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class _Layer:
+    w_qkv: np.ndarray  # (D, 3D)  Q, K, V projections side by side, applied as x @ w
+    b_qkv: np.ndarray  # (3D,)
+    w_o: np.ndarray  # (D, D)
+    b_o: np.ndarray
+    ln1_g: np.ndarray
+    ln1_b: np.ndarray
+    w_in: np.ndarray  # (D, F)
+    b_in: np.ndarray
+    w_out: np.ndarray  # (F, D)
+    b_out: np.ndarray
+    ln2_g: np.ndarray
+    ln2_b: np.ndarray
+
+
+@dataclass
+class EncoderOutput:
+    """What ``BertModel.forward`` returns (Hugging Face's names).
+
+    Attributes
+    ----------
+    last_hidden_state : ndarray, shape (B, N, D)
+    hidden_states : tuple of ndarray, or None
+        With ``output_hidden_states=True``: the embeddings' output, then every layer's, each (B, N, D).
+    pooler_output : ndarray, shape (B, D), or None
+        tanh(dense(first token)) when the checkpoint has the pooler's weights.
+    """
+
+    last_hidden_state: np.ndarray
+    hidden_states: tuple[np.ndarray, ...] | None = None
+    pooler_output: np.ndarray | None = None
+
+
+@dataclass
+class _Pooling:
+    mode: str = "mean"
+    normalize: bool = True
+    max_length: int | None = None
+    source: str = "default"
+
+
+class BertModel:
+    """A BERT-family encoder running on fastattn's kernels. Build it with ``fastattn.models.load``.
+
+    Parameters
+    ----------
+    config : BertConfig
+    weights : dict
+        Built by ``from_pretrained``.
+    backend : str, optional
+        ``"numba"``, ``"cython"`` or ``"numpy"``; None follows ``fastattn.use_backend`` / ``FASTATTN_BACKEND``
+        at each call.
+    dtype : float32 or float64
+    tokenizer : Tokenizer, optional
+        From the directory's ``tokenizer.json``; needed to encode text.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn.models
+    >>> model = fastattn.models.load("path/to/bert")                      # doctest: +SKIP
+    >>> out = model(np.array([[101, 7592, 102]]))                          # doctest: +SKIP
+    >>> out.last_hidden_state.shape                                        # doctest: +SKIP
+    (1, 3, 384)
+    >>> model.encode(["a sentence", "another one"]).shape                  # doctest: +SKIP
+    (2, 384)
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        weights: dict,
+        *,
+        backend=None,
+        dtype=np.float32,
+        tokenizer=None,
+        pooling: _Pooling | None = None,
+        path: str | None = None,
+    ):
+        self.config = config
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.tokenizer = tokenizer
+        self.pooling = pooling or _Pooling()
+        self.path = path
+        self._w = weights
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, backend=None, dtype=np.float32, config: dict | None = None) -> BertModel:
+        """Load ``path`` (``config.json`` + ``model.safetensors``, optionally ``tokenizer.json`` and the
+        sentence-transformers files ``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``)."""
+        path = os.fspath(path)
+        raw = read_config(path) if config is None else config
+        cfg = BertConfig.from_dict(raw)
+        dtype = V.float_dtype("dtype", dtype)
+        store = TensorStore(path)
+        prefixes = MODEL_TYPES.get(cfg.model_type, ("", "bert."))
+        store.find_prefix("embeddings.word_embeddings.weight", prefixes)
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        get = store.get
+        w = {
+            "word": get(
+                "embeddings.word_embeddings.weight", (cfg.vocab_size, D), dtype, what="(vocab_size, hidden_size)"
+            ),
+            "positions": get(
+                "embeddings.position_embeddings.weight",
+                (cfg.max_positions, D),
+                dtype,
+                what="(max_position_embeddings, hidden_size)",
+            ),
+            "types": get(
+                "embeddings.token_type_embeddings.weight",
+                (cfg.type_vocab_size, D),
+                dtype,
+                what="(type_vocab_size, hidden_size)",
+            ),
+            "ln_g": get("embeddings.LayerNorm.weight", (D,), dtype),
+            "ln_b": get("embeddings.LayerNorm.bias", (D,), dtype),
+        }
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"encoder.layer.{i}."
+            what = f"layer {i} of num_hidden_layers={cfg.num_layers}"
+
+            def linear(name, n_out, n_in, p=p, what=what):  # HF Linear: weight (out, in) -> x @ weight.T
+                weight = get(p + name + ".weight", (n_out, n_in), dtype, what=what)
+                return weight.T, get(p + name + ".bias", (n_out,), dtype, what=what)
+
+            wq, bq = linear("attention.self.query", D, D)
+            wk, bk = linear("attention.self.key", D, D)
+            wv, bv = linear("attention.self.value", D, D)
+            wo, bo = linear("attention.output.dense", D, D)
+            wi, bi = linear("intermediate.dense", F, D)
+            wf, bf = linear("output.dense", D, F)
+            layers.append(
+                _Layer(
+                    w_qkv=np.ascontiguousarray(np.concatenate([wq, wk, wv], axis=1)),
+                    b_qkv=np.concatenate([bq, bk, bv]),
+                    w_o=np.ascontiguousarray(wo),
+                    b_o=bo,
+                    ln1_g=get(p + "attention.output.LayerNorm.weight", (D,), dtype, what=what),
+                    ln1_b=get(p + "attention.output.LayerNorm.bias", (D,), dtype, what=what),
+                    w_in=np.ascontiguousarray(wi),
+                    b_in=bi,
+                    w_out=np.ascontiguousarray(wf),
+                    b_out=bf,
+                    ln2_g=get(p + "output.LayerNorm.weight", (D,), dtype, what=what),
+                    ln2_b=get(p + "output.LayerNorm.bias", (D,), dtype, what=what),
+                )
+            )
+        w["layers"] = layers
+        if store.has("pooler.dense.weight"):
+            w["pooler_w"] = np.ascontiguousarray(get("pooler.dense.weight", (D, D), dtype).T)
+            w["pooler_b"] = get("pooler.dense.bias", (D,), dtype)
+        tokenizer = Tokenizer.load_optional(path, pad_id=cfg.pad_token_id)
+        return cls(
+            cfg, w, backend=backend, dtype=dtype, tokenizer=tokenizer, pooling=_read_pooling(path, cfg), path=path
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The forward pass
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        position_ids=None,
+        output_hidden_states: bool = False,
+        backend=None,
+    ) -> EncoderOutput:
+        """Run the encoder.
+
+        Parameters
+        ----------
+        input_ids : array_like of int, shape (B, N) or (N,)
+        attention_mask : array_like, shape (B, N), optional
+            Hugging Face's convention: 1 for a token, 0 for padding (padding is never attended to).
+        token_type_ids : array_like of int, shape (B, N), optional
+            Segment ids; zeros by default.
+        position_ids : array_like of int, shape (B, N), optional
+            Default: 0 .. N-1 (BERT), or RoBERTa's numbering from ``pad_token_id + 1`` skipping padding.
+        output_hidden_states : bool
+            Also return the embeddings' output and every layer's.
+        backend : str, optional
+            Overrides the model's backend for this call.
+
+        Returns
+        -------
+        EncoderOutput
+            ``last_hidden_state`` (B, N, D) (or (N, D) for 1-D input), ``hidden_states``, ``pooler_output``.
+        """
+        cfg = self.config
+        ids, squeeze = _ops.token_ids("input_ids", input_ids, cfg.vocab_size)
+        B, N = ids.shape
+        keep = _ops.keep_mask("attention_mask", attention_mask, (B, N))
+        types = (
+            np.zeros((B, N), np.int64)
+            if token_type_ids is None
+            else _ops.token_ids("token_type_ids", token_type_ids, cfg.type_vocab_size)[0]
+        )
+        if types.shape != (B, N):
+            raise ValueError(f"token_type_ids must have the shape of input_ids {(B, N)}, got {types.shape}")
+        if position_ids is None:
+            positions = self._position_ids(ids)
+        else:
+            positions = _ops.token_ids("position_ids", position_ids, cfg.max_positions)[0]
+            positions = np.ascontiguousarray(np.broadcast_to(positions, (B, N)))
+        if positions.size and positions.max() >= cfg.max_positions:
+            raise ValueError(
+                f"sequences of {N} tokens need position {int(positions.max())}, but the model has "
+                f"max_position_embeddings={cfg.max_positions}: truncate the input"
+            )
+        hidden = self._encode(ids, keep, types, positions, output_hidden_states, backend)
+        last = hidden[-1]
+        pooler = None
+        if "pooler_w" in self._w:
+            pooler = np.tanh(last[:, 0] @ self._w["pooler_w"] + self._w["pooler_b"])
+        if squeeze:
+            hidden = [h[0] for h in hidden]
+            last = hidden[-1]
+            pooler = None if pooler is None else pooler[0]
+        return EncoderOutput(
+            last_hidden_state=last,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            pooler_output=pooler,
+        )
+
+    __call__ = forward
+
+    def _position_ids(self, ids: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        B, N = ids.shape
+        if cfg.model_type in _PADDING_POSITIONS:  # RoBERTa: padding_idx + 1, + 2, ... over real tokens only
+            real = (ids != cfg.pad_token_id).astype(np.int64)
+            return np.ascontiguousarray(np.cumsum(real, axis=1) * real + cfg.pad_token_id)
+        return np.ascontiguousarray(np.broadcast_to(np.arange(N, dtype=np.int64), (B, N)))
+
+    def _encode(self, ids, keep, types, positions, keep_all: bool, backend) -> list[np.ndarray]:
+        kern, blk = _ops.kernels(self.backend if backend is None else backend)
+        with _ops.threads_for(ids.size * max(self.config.hidden_size, self.config.intermediate_size), kern, blk):
+            return self._layers(kern, blk, ids, keep, types, positions, keep_all)
+
+    def _layers(self, kern, blk, ids, keep, types, positions, keep_all: bool) -> list[np.ndarray]:
+        cfg, w = self.config, self._w
+        dt = self.dtype
+        B, N = ids.shape
+        T, D, H, d, F = B * N, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+        eps = cfg.layer_norm_eps
+        x = np.empty((T, D), dt)  # the residual stream, token by token
+        if T:
+            blk.embedding(
+                x,
+                ids.reshape(-1),
+                w["word"],
+                positions.reshape(-1),
+                w["positions"],
+                types.reshape(-1),
+                w["types"],
+                True,
+            )
+            blk.layer_norm(x, x, w["ln_g"], w["ln_b"], eps)
+        states = [x]
+        bias = _ops.key_bias(keep, dt)  # (B, N): 0 or -inf per key, None without padding
+        scale = 1.0 / math.sqrt(d)
+        # work buffers, reused by every layer
+        qkv = np.empty((T, 3 * D), dt)
+        q, k, v, o = (np.empty((B, H, N, d), dt) for _ in range(4))
+        ctx = np.empty((T, D), dt)
+        proj = np.empty((T, D), dt)
+        h = np.empty((T, D), dt)
+        f = np.empty((T, F), dt)
+        act = getattr(blk, _ops.activation_kernel(cfg.hidden_act, "hidden_act"))
+        for layer in w["layers"] if T else ():
+            np.matmul(x, layer.w_qkv, out=qkv)  # (T, 3D)
+            blk.split_qkv(q, k, v, qkv.reshape(B, N, 3 * D), layer.b_qkv, 0)  # (B, H, N, d) each
+            _ops.attend(kern, o, q, k, v, scale, False, 0, bias)  # (B, H, N, d)
+            blk.merge_heads(ctx.reshape(B, N, D), o)  # (T, D)
+            np.matmul(ctx, layer.w_o, out=proj)
+            blk.bias_residual_layer_norm(h, proj, layer.b_o, x, layer.ln1_g, layer.ln1_b, eps)
+            np.matmul(h, layer.w_in, out=f)  # (T, F)
+            act(f, f, layer.b_in)
+            np.matmul(f, layer.w_out, out=proj)  # (T, D)
+            x = np.empty((T, D), dt) if keep_all else x  # the old stream is dead unless it is kept
+            blk.bias_residual_layer_norm(x, proj, layer.b_out, h, layer.ln2_g, layer.ln2_b, eps)
+            if keep_all:
+                states.append(x)
+        if not keep_all:
+            states = [x]
+        return [s.reshape(B, N, D) for s in states]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Sentence embeddings
+    # ----------------------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        inputs,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        batch_size: int = 32,
+        backend=None,
+    ) -> np.ndarray:
+        """Sentence embeddings: pooled token states (mean over real tokens by default), L2-normalised.
+
+        The pooling and normalisation follow a sentence-transformers directory (``modules.json``,
+        ``1_Pooling/config.json``) when present; otherwise mean pooling and L2 normalisation.
+
+        Parameters
+        ----------
+        inputs : str, sequence of str, or array_like of int (B, N)
+            Text (needs ``tokenizer.json`` and the tokenizers package) or token ids.
+        attention_mask, token_type_ids : array_like, optional
+            With token ids only: 1 = token, 0 = padding.
+        pooling : {"mean", "cls", "max", "mean_sqrt_len"}, optional
+        normalize : bool, optional
+        batch_size : int
+            Texts are sorted by length and run ``batch_size`` at a time.
+
+        Returns
+        -------
+        ndarray, shape (B, D), or (D,) for a single string.
+
+        Examples
+        --------
+        >>> emb = model.encode(["The dog chased the cat.", "A cat was chased."])   # doctest: +SKIP
+        >>> float(emb[0] @ emb[1])        # cosine similarity                     # doctest: +SKIP
+        """
+        mode = self.pooling.mode if pooling is None else pooling
+        if mode not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {mode!r}")
+        normalize = self.pooling.normalize if normalize is None else bool(normalize)
+        batch_size = V.positive_int("batch_size", batch_size)
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            return np.empty((0, self.config.hidden_size), self.dtype)
+        if isinstance(inputs, str) or (
+            isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
+        ):
+            if attention_mask is not None or token_type_ids is not None:
+                raise ValueError("attention_mask and token_type_ids go with token ids, not with text")
+            return self._encode_texts(inputs, mode, normalize, batch_size, backend)
+        ids, squeeze = _ops.token_ids("inputs", inputs, self.config.vocab_size)
+        keep = _ops.keep_mask("attention_mask", attention_mask, ids.shape)
+        out = self.forward(ids, attention_mask=keep, token_type_ids=token_type_ids, backend=backend)
+        pooled = _pool(out.last_hidden_state, np.ones(ids.shape, bool) if keep is None else keep, mode, normalize)
+        return pooled[0] if squeeze else pooled
+
+    embed_sentences = encode
+
+    def _encode_texts(self, texts, mode, normalize, batch_size, backend):
+        if self.tokenizer is None:
+            where = self.path or "the model directory"
+            if _has_tokenizer(self.path or ""):
+                from .tokenizer import import_tokenizers
+
+                import_tokenizers()  # raises the ImportError with the install hint
+            raise ValueError(f"{where} has no tokenizer.json: pass token ids instead of text")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        limit = self.pooling.max_length or self.config.max_positions
+        if self.config.model_type in _PADDING_POSITIONS:
+            limit = min(limit, self.config.max_positions - self.config.pad_token_id - 1)
+        lengths = [len(self.tokenizer.encode(t, max_length=limit)) for t in texts]
+        order = np.argsort([-n for n in lengths], kind="stable")  # longest first: little padding per batch
+        result = np.empty((len(texts), self.config.hidden_size), self.dtype)
+        for start in range(0, len(texts), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask, types = self.tokenizer.batch([texts[i] for i in chunk], max_length=limit)
+            types = np.minimum(types, self.config.type_vocab_size - 1)
+            out = self.forward(ids, attention_mask=mask, token_type_ids=types, backend=backend)
+            result[chunk] = _pool(out.last_hidden_state, mask != 0, mode, normalize)
+        return result[0] if single else result
+
+
+def _pool(hidden: np.ndarray, keep: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
+    """Pool token states (B, N, D) over real tokens -> (B, D), as sentence-transformers' Pooling, then Normalize."""
+    m = keep[..., None].astype(hidden.dtype)  # (B, N, 1)
+    if mode == "cls":
+        pooled = hidden[:, 0]
+    elif mode == "max":
+        pooled = np.where(m > 0, hidden, -np.inf).max(axis=1)  # as sentence-transformers: padding never wins
+    else:
+        counts = np.maximum(m.sum(axis=1), 1e-9)  # (B, 1)
+        total = (hidden * m).sum(axis=1)  # (B, D)
+        pooled = total / (np.sqrt(counts) if mode == "mean_sqrt_len" else counts)
+    if normalize:
+        norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
+        pooled = pooled / np.maximum(norms, 1e-12)  # torch.nn.functional.normalize's eps
+    return np.ascontiguousarray(pooled, dtype=hidden.dtype)
+
+
+def _has_tokenizer(path: str) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+
+def _read_pooling(path: str, cfg: BertConfig) -> _Pooling:
+    """Pooling of a sentence-transformers directory (modules.json and its Pooling module's config.json)."""
+    pooling = _Pooling()
+    st = read_json(path, "sentence_bert_config.json")
+    if isinstance(st, dict) and isinstance(st.get("max_seq_length"), int):
+        pooling.max_length = min(st["max_seq_length"], cfg.max_positions)
+    modules = read_json(path, "modules.json")
+    if not isinstance(modules, list):
+        return pooling
+    pooling.source = "modules.json"
+    kinds = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    pooling.normalize = any(k.endswith(".Normalize") for k in kinds)
+    for module in modules:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+            conf = read_json(path, module.get("path", "1_Pooling"), "config.json") or {}
+            flags = {
+                "cls": conf.get("pooling_mode_cls_token"),
+                "max": conf.get("pooling_mode_max_tokens"),
+                "mean_sqrt_len": conf.get("pooling_mode_mean_sqrt_len_tokens"),
+                "mean": conf.get("pooling_mode_mean_tokens"),
+            }
+            chosen = [name for name, on in flags.items() if on]
+            if len(chosen) > 1:
+                raise CheckpointError(
+                    f"{module.get('path')}/config.json combines pooling modes {chosen}; fastattn supports one"
+                )
+            unsupported = [k for k in ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken") if conf.get(k)]
+            if unsupported:
+                raise CheckpointError(f"{module.get('path')}/config.json: {unsupported[0]} is not supported")
+            if chosen:
+                pooling.mode = chosen[0]
+    return pooling

@@ -1,0 +1,170 @@
+"""The Numba backend: ``@njit(parallel=True)`` kernels behind the raw contract of ``kernels/README.md``.
+
+Importing this package imports Numba but compiles nothing: each kernel compiles on its first call for the types it
+meets, and the machine code is cached on disk (``cache=True``), so a later process only loads it. ``warmup()``
+compiles ahead of time for the common dtypes and layouts.
+
+Each public name is a thin Python function with exactly the contract's signature. It normalises its arguments so
+that one compiled variant per dtype serves every caller (``scale`` becomes the arrays' dtype, flags ``bool``,
+offsets ``int``; inputs are passed as read-only views; ``mask``/``key_bias`` as a flat view plus strides, which
+covers contiguous arrays and broadcast views alike) and picks the fused engine. The ``@njit`` kernels do the work:
+
+    embedding.py         gather, gather_add_positions
+    positions.py         add_positions, rope
+    attention_stages.py  scores, softmax, weighted_sum          (stage by stage, profilable one at a time)
+    attention_fused.py   attention_tiled (default), attention_blas, attention_loops   (flash style, O(N) memory)
+    _gemm.py             the register-blocked tile product of attention_tiled
+    _math.py             vectorisable exp, NaN-ignoring max
+    _config.py           fastmath flags, cache folder, threads, SciPy BLAS threads
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _config  # first of ours: it settles NUMBA_CACHE_DIR before Numba is imported
+from . import attention_fused as _fused
+from . import attention_stages as _stages
+from . import embedding as _embedding
+from . import positions as _positions
+from ._config import FASTMATH, blas_info, get_num_threads, set_num_threads
+
+__all__ = [
+    "gather",
+    "gather_add_positions",
+    "add_positions",
+    "rope",
+    "scores",
+    "softmax",
+    "weighted_sum",
+    "attention",
+    "get_num_threads",
+    "set_num_threads",
+    "warmup",
+    "blas_info",
+    "FASTMATH",
+]
+
+#: Tile sizes of the fused kernel (query rows x keys). Results do not depend on them beyond rounding.
+BLOCK_Q = 192
+BLOCK_K = 384
+
+#: Fused engine: "tiled" (register-blocked tile products, the fast one), "blas" (np.dot tiles through SciPy's
+#: BLAS, needs SciPy) or "loops" (plain loops, the readable one). ``FASTATTN_NUMBA_ENGINE`` overrides.
+ENGINE = _config.ENGINE
+
+
+def _ro(a):
+    """A read-only view of ``a``: inputs reach the kernels with one type whether the caller's array is writable or not
+    (Numba compiles a separate variant per read-only flag and layout)."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _flat(a):
+    """``(flat, strides)``: a read-only 1-D view of the memory ``a`` addresses, and ``a``'s strides in elements.
+
+    ``a[idx] == flat[sum(idx * strides)]``. Used for ``mask`` and ``key_bias``, which may be broadcast views (zero
+    strides): one compiled variant then serves them and contiguous arrays alike.
+    """
+    item = a.itemsize
+    if a.size == 0 or any(st < 0 or st % item for st in a.strides):  # not from the API: make it plain
+        a = np.ascontiguousarray(a)
+    if a.size == 0:
+        return np.zeros(1, a.dtype)[:0], (0,) * a.ndim
+    strides = tuple(st // item for st in a.strides)
+    span = 1 + sum((n - 1) * st for n, st in zip(a.shape, strides, strict=True))
+    flat = np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(item,), writeable=False)
+    return flat, strides
+
+
+def gather(out, ids, table):
+    _config.use_num_threads()
+    _config.launch(_embedding.gather, out, _ro(ids), _ro(table))
+
+
+def gather_add_positions(out, ids, table, positions, seq_len, offset):
+    _config.use_num_threads()
+    _config.launch(
+        _embedding.gather_add_positions, out, _ro(ids), _ro(table), _ro(positions), int(seq_len), int(offset)
+    )
+
+
+def add_positions(out, x, positions, offset):
+    _config.use_num_threads()
+    _config.launch(_positions.add_positions, out, _ro(x), _ro(positions), int(offset))
+
+
+def rope(out, x, cos, sin, interleaved):
+    _config.use_num_threads()
+    _config.launch(_positions.rope, out, _ro(x), _ro(cos), _ro(sin), bool(interleaved))
+
+
+def scores(out, q, k, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+    _config.use_num_threads()
+    mask, mst = _flat(mask)
+    key_bias, kst = _flat(key_bias)
+    _config.launch(_stages.scores, out, _ro(q), _ro(k), out.dtype.type(scale), bool(causal), int(causal_offset),
+                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias))
+
+
+def softmax(out, s):
+    _config.use_num_threads()
+    _config.launch(_stages.softmax, out, _ro(s))
+
+
+def weighted_sum(out, p, v):
+    n_threads = _config.use_num_threads()
+    _config.launch(_stages.weighted_sum, out, _ro(p), _ro(v), n_threads)
+
+
+def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+    n_threads = _config.use_num_threads()
+    mask, mst = _flat(mask)
+    key_bias, kst = _flat(key_bias)
+    kernel = _fused_kernel()
+    _config.launch(kernel, out, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
+                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K, n_threads)
+
+
+def _fused_kernel():
+    """The engine ``ENGINE`` names: "tiled" (default), "blas" (SciPy's BLAS made single-threaded once) or "loops"."""
+    if ENGINE == "tiled":
+        return _fused.attention_tiled
+    if ENGINE == "blas":
+        _config.limit_scipy_blas_threads()
+        return _fused.attention_blas
+    return _fused.attention_loops
+
+
+def warmup(dtypes=("float32", "float64")):
+    """Compile (or load from the disk cache) every kernel for ``dtypes``, with contiguous and broadcast masks.
+
+    Runs each kernel once on tiny arrays (the fused one with the engine in use); returns nothing. Call it at start-up
+    to move compilation off the first real call: a cold compile of everything takes about a minute, loading it
+    from the cache well under a second.
+    """
+    for name in dtypes:
+        dt = np.dtype(name)
+        B, H, L, E, V, D = 1, 2, 3, 4, 5, 6
+        ids = np.zeros(2 * L, dtype=np.int64)
+        table = np.zeros((V, D), dt)
+        pos = np.zeros((L, D), dt)
+        gather(np.empty((2 * L, D), dt), ids, table)
+        gather_add_positions(np.empty((2 * L, D), dt), ids, table, pos, L, 0)
+        x = np.zeros((B, L, D), dt)
+        add_positions(np.empty_like(x), x, pos, 0)
+        cs = np.zeros((L, D // 2), dt)
+        rope(np.empty_like(x), x, cs, cs, False)
+        q = np.zeros((B, H, L, E), dt)
+        kv = np.zeros((B, 1, L, E), dt)
+        masks = [np.broadcast_to(np.zeros((1, 1, 1, 1), dt), (B, H, L, L)), np.zeros((B, H, L, L), dt)]
+        biases = [np.broadcast_to(np.zeros((1, 1), dt), (B, L)), np.zeros((B, L), dt)]
+        for mask in masks:
+            for bias in biases:
+                s = np.empty((B, H, L, L), dt)
+                scores(s, q, kv, 1.0, True, 0, mask, True, bias, True)
+                attention(np.empty_like(q), q, kv, kv, 1.0, True, 0, mask, True, bias, True)
+        softmax(s.reshape(-1, L), s.reshape(-1, L))
+        weighted_sum(np.empty_like(q), s, kv)

@@ -1,0 +1,187 @@
+"""Settings shared by every Numba kernel: fastmath flags, the cache folder, threads, and BLAS.
+
+This is the one place that decides
+
+- ``FASTMATH``: the LLVM fast-math flags of every kernel. ``nnan`` and ``ninf`` are left out on purpose: masks
+  hold ``-inf`` and a NaN in a query row must stay visible, so the compiler may not assume either away.
+- where Numba writes its on-disk cache (``cache=True``). When the installed package folder is not writable and the
+  user did not set ``NUMBA_CACHE_DIR``, we point it at ``~/.cache/fastattn/numba`` (or ``$XDG_CACHE_HOME``).
+  This must happen before ``numba`` is first imported, which is why ``__init__`` imports this module first.
+- how many threads the kernels use (``get_num_threads`` / ``set_num_threads``: process-wide, bounded by
+  ``NUMBA_NUM_THREADS``; ``use_num_threads`` applies it in the calling thread) and how kernels are launched
+  (``launch``: serialised when Numba fell back to its non-thread-safe "workqueue" layer).
+- which fused attention engine runs (``ENGINE``, ``FASTATTN_NUMBA_ENGINE``); for the optional "blas" engine, that
+  SciPy's BLAS runs single-threaded, so that it does not oversubscribe the cores inside our ``prange``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import operator
+import os
+import threading
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastattn", "numba")
+
+
+# Numba writes its cache next to the source (``__pycache__``) unless told otherwise; a system-wide install is often
+# read-only, so fall back to a per-user folder. Only when the user has not chosen one.
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(_HERE, os.W_OK):
+    os.environ["NUMBA_CACHE_DIR"] = _user_cache_dir()
+
+import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
+
+#: Fast-math flags of every kernel (never ``nnan``/``ninf``: masks use ``-inf``, NaN must propagate).
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: Keyword arguments of every parallel kernel: ``@njit(**PARALLEL)``.
+PARALLEL = {"parallel": True, "cache": True, "fastmath": FASTMATH, "nogil": True}
+
+#: Keyword arguments of the small helpers the kernels inline.
+HELPER = {"cache": True, "fastmath": FASTMATH}
+
+
+# Numba's thread count is per Python thread; ours is process-wide: set_num_threads records it here and every kernel
+# wrapper applies it in the thread that calls it (use_num_threads). None: Numba's own setting (NUMBA_NUM_THREADS).
+_threads = {"n": None}
+
+
+def get_num_threads() -> int:
+    """Number of threads the Numba kernels use (process-wide once ``set_num_threads`` was called)."""
+    n = _threads["n"]
+    return numba.get_num_threads() if n is None else n
+
+
+def use_num_threads() -> int:
+    """Apply the process-wide thread count in the calling Python thread; return it. Every kernel wrapper calls this."""
+    n = _threads["n"]
+    if n is None:
+        return numba.get_num_threads()
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    _threads["n"] = n
+    return n
+
+
+# Numba's "workqueue" threading layer (used when neither TBB nor OpenMP loads) aborts the interpreter when two
+# Python threads launch parallel kernels at once. Kernels are therefore launched through ``launch``: serialised
+# until the first launch tells which layer Numba picked, and for good if it is workqueue.
+_launch_lock = threading.Lock()
+_layer_is_threadsafe = [False]
+
+
+def launch(kernel, *args):
+    """Call the compiled ``kernel(*args)``, serialised unless Numba's threading layer is thread-safe."""
+    if _layer_is_threadsafe[0]:
+        return kernel(*args)
+    with _launch_lock:
+        result = kernel(*args)
+        try:
+            _layer_is_threadsafe[0] = numba.threading_layer() != "workqueue"
+        except ValueError:  # no parallel region launched yet
+            pass
+        return result
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in every kernel from now on, whichever Python thread calls it.
+
+    1 <= n <= ``NUMBA_NUM_THREADS`` (the number of cores unless that environment variable says otherwise).
+    """
+    n_max = numba.config.NUMBA_NUM_THREADS
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads expects an int, got: {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"set_num_threads expects n >= 1, got: n={n}")
+    if n > n_max:
+        raise ValueError(
+            f"set_num_threads expects n <= NUMBA_NUM_THREADS={n_max}, got: n={n}; "
+            "set the environment variable NUMBA_NUM_THREADS before starting Python to allow more"
+        )
+    numba.set_num_threads(n)
+    _threads["n"] = n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BLAS inside the fused kernel
+# --------------------------------------------------------------------------------------------------------------
+#: ``np.dot`` inside ``@njit`` needs SciPy (Numba calls ``scipy.linalg.cython_blas``). Probed, not imported.
+HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+
+#: The fused attention engine (see ``attention_fused.py``); ``FASTATTN_NUMBA_ENGINE`` chooses another.
+ENGINE = os.environ.get("FASTATTN_NUMBA_ENGINE", "tiled")
+if ENGINE not in ("tiled", "blas", "loops") or (ENGINE == "blas" and not HAVE_SCIPY):
+    ENGINE = "tiled"
+
+_blas_state = {"limited": False, "how": "not yet"}
+
+
+def limit_scipy_blas_threads() -> str:
+    """Make SciPy's BLAS single-threaded, once per process; return how it was done.
+
+    Our ``prange`` already uses every core; a multi-threaded BLAS called from each of those threads would start its
+    own threads on top (oversubscription: 10x slower at N=128 in a trial). Only SciPy's BLAS is limited, because it
+    is the one Numba's ``np.dot`` calls; NumPy's own BLAS (a separate library in NumPy >= 2 wheels) is left alone.
+    The price: ``scipy.linalg`` calls in the same process also run on one thread afterwards.
+
+    Uses ``threadpoolctl`` when installed (portable); otherwise calls ``openblas_set_num_threads`` on the OpenBLAS
+    that ``scipy.linalg.cython_blas`` loaded (the SciPy wheels ship OpenBLAS).
+    """
+    if _blas_state["limited"]:
+        return _blas_state["how"]
+    _blas_state["limited"] = True
+    import scipy.linalg.cython_blas as cython_blas  # loads SciPy's BLAS, as Numba will
+
+    scipy_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cython_blas.__file__))))
+    how = "failed: BLAS thread count unchanged"
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        ctl = ThreadpoolController()
+        mine = [m for m in ctl.lib_controllers if m.user_api == "blas" and m.filepath.startswith(scipy_dir)]
+        for m in mine:
+            m.set_num_threads(1)
+        if mine:
+            how = "threadpoolctl: " + ", ".join(os.path.basename(m.filepath) for m in mine)
+    except Exception:  # threadpoolctl missing or too old: fall back to OpenBLAS's own entry point
+        how = _limit_openblas_ctypes(scipy_dir) or how
+    _blas_state["how"] = how
+    return how
+
+
+def _limit_openblas_ctypes(scipy_dir: str) -> str | None:
+    import ctypes
+    import glob
+
+    paths = glob.glob(os.path.join(scipy_dir, "scipy.libs", "*openblas*"))  # Linux wheels
+    paths += glob.glob(os.path.join(scipy_dir, "scipy", ".dylibs", "*openblas*"))  # macOS wheels
+    paths += glob.glob(os.path.join(scipy_dir, "scipy.libs", "*.dll"))  # Windows wheels
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: this returns the same handle
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads",
+                     "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                fn(1)
+                return f"ctypes: {name} in {os.path.basename(path)}"
+    return None
+
+
+def blas_info() -> dict:
+    """How the fused attention computes its tile products (for diagnostics and benchmark reports)."""
+    return {
+        "engine": ENGINE,
+        "scipy": HAVE_SCIPY,
+        "threads": _blas_state["how"],
+    }

@@ -1,0 +1,343 @@
+"""Block kernels for ``fastattn.models``: everything of a transformer block but attention and the matmuls.
+
+Same names and signatures as the oracle ``fastattn._numpy_blocks`` (its docstring is the contract). Each public
+name is a thin Python function that normalises the scalars (``eps`` a float, ``offset`` an int, flags bools) and
+calls the ``@njit(parallel=True)`` kernel beside it; nothing compiles before its first call, and the machine code is
+cached on disk.
+
+Why these are worth compiling (a 6-layer, 384-wide encoder on 32 x 128 tokens): NumPy's GELU makes five passes
+over a 4096 x 1536 array and calls a scalar ``erf``; here it is one pass, fused with the bias add, over a
+vectorisable rational ``erf``. LayerNorm fused with the bias and residual adds reads its input once instead of
+four times. Every kernel is one ``prange`` over rows (tokens), so each thread streams its own rows.
+
+Float32 special functions are branch-free polynomials that LLVM vectorises (this Numba has no SVML):
+
+- ``erf``: x·P(x²)/Q(x²) on x clamped to [-4, 4] (Eigen's rational approximation, the one XLA and TVM use too);
+  absolute error below 5e-7, so GELU's below 1e-6 for |x| <= 4.
+- tanh-GELU as ``y / (1 + exp(-2u))``, u = √(2/π)(y + 0.044715 y³) (the same function: ½(1 + tanh u) is the
+  logistic of 2u), with the vectorisable ``exp`` of ``_math.py``.
+
+Every kernel compiles with NumPy's error model (``error_model="numpy"``) on top of the shared settings of
+``_config.py``: without it a float division carries a zero check that keeps the loops scalar.
+
+Float64 uses ``math.erf`` and ``np.exp``: float64 must agree with the oracle to ~1e-10 and is not the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ._config import HELPER, PARALLEL, get_num_threads, set_num_threads
+from ._math import fast_exp
+
+# NumPy's error model: a float division by zero gives inf/nan instead of raising ZeroDivisionError. Python's model
+# puts a check and a branch into every division, which stops LLVM from vectorising the GELU loops (10x slower).
+KERNEL = {**PARALLEL, "error_model": "numpy"}
+INLINE = {**HELPER, "error_model": "numpy"}
+
+__all__ = [
+    "embedding",
+    "layer_norm",
+    "gelu",
+    "gelu_tanh",
+    "bias_gelu",
+    "bias_gelu_tanh",
+    "bias_residual",
+    "bias_residual_layer_norm",
+    "bias_residual_and_layer_norm",
+    "split_qkv",
+    "merge_heads",
+    "get_num_threads",
+    "set_num_threads",
+    "warmup",
+]
+
+_SQRT_HALF = 0.7071067811865476  # 1/√2
+_SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scalar helpers (inlined into the kernels)
+# ----------------------------------------------------------------------------------------------------------------
+@njit(**INLINE)
+def erf_f32(x):
+    """erf for float32: x·P(x²)/Q(x²) on x clamped to [-4, 4] (|erf| rounds to 1 beyond). NaN stays NaN."""
+    xc = min(max(x, np.float32(-4.0)), np.float32(4.0))
+    x2 = xc * xc
+    p = np.float32(-2.72614225801306e-10)  # numerator, odd: x · (a13 x¹² + ... + a1)
+    p = p * x2 + np.float32(2.77068142495902e-08)
+    p = p * x2 + np.float32(-2.10102402082508e-06)
+    p = p * x2 + np.float32(-5.69250639462346e-05)
+    p = p * x2 + np.float32(-7.34990630326855e-04)
+    p = p * x2 + np.float32(-2.95459980854025e-03)
+    p = p * x2 + np.float32(-1.60960333262415e-02)
+    q = np.float32(-1.45660718464996e-05)  # denominator, even: b8 x⁸ + ... + b0
+    q = q * x2 + np.float32(-2.13374055278905e-04)
+    q = q * x2 + np.float32(-1.68282697438203e-03)
+    q = q * x2 + np.float32(-7.37332916720468e-03)
+    q = q * x2 + np.float32(-1.42647390514189e-02)
+    r = xc * p / q
+    return r if x == x else x
+
+
+def fast_erf(x):
+    """erf for the kernels: the rational approximation for float32, ``math.erf`` for float64."""
+    if isinstance(x, np.float32):
+        return erf_f32(x)
+    return math.erf(x)
+
+
+@overload(fast_erf, inline="always", jit_options={"fastmath": HELPER["fastmath"]})
+def _ol_fast_erf(x):
+    if x == types.float32:
+        return lambda x: erf_f32(x)
+    if x == types.float64:
+        return lambda x: math.erf(x)
+    return None
+
+
+def const(y, c):
+    """The Python float ``c`` in the precision of the scalar ``y`` (so float32 arithmetic stays float32)."""
+    return type(y)(c)
+
+
+@overload(const, inline="always")
+def _ol_const(y, c):
+    if y == types.float32:
+        return lambda y, c: np.float32(c)
+    return lambda y, c: np.float64(c)
+
+
+@njit(**INLINE)
+def gelu_scalar(y):
+    """0.5 y (1 + erf(y / √2)) in y's precision."""
+    return const(y, 0.5) * y * (const(y, 1.0) + fast_erf(y * const(y, _SQRT_HALF)))
+
+
+@njit(**INLINE)
+def gelu_tanh_scalar(y):
+    """0.5 y (1 + tanh(u)) = y / (1 + exp(-2u)), u = √(2/π) (y + 0.044715 y³)."""
+    u = const(y, _SQRT_2_OVER_PI) * (y + const(y, 0.044715) * y * y * y)
+    t = const(y, -2.0) * u
+    r = y / (const(y, 1.0) + fast_exp(min(t, const(y, 88.0))))  # float32 exp is valid up to 88
+    return r if t < const(y, 88.0) else y * const(y, 0.0)  # beyond: exactly -0 (and NaN stays NaN)
+
+
+@njit(**INLINE)
+def add_row(o, x, bias):
+    """o = x + bias for one row."""
+    for j in range(o.shape[0]):
+        o[j] = x[j] + bias[j]
+
+
+@njit(**INLINE)
+def normalise_row(o, y, gamma, beta, eps):
+    """o = (y - mean) / sqrt(var + eps) * gamma + beta for one row; statistics in float64. ``o`` may be ``y``."""
+    D = y.shape[0]
+    total = 0.0
+    for j in range(D):  # mean
+        total += y[j]
+    mean = total / D
+    sq = 0.0
+    for j in range(D):  # biased variance, two-pass
+        c = y[j] - mean
+        sq += c * c
+    rstd = 1.0 / math.sqrt(sq / D + eps)
+    m = o.dtype.type(mean)
+    rs = o.dtype.type(rstd)
+    for j in range(D):  # scale and shift
+        o[j] = (y[j] - m) * rs * gamma[j] + beta[j]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels: one prange over rows each
+# ----------------------------------------------------------------------------------------------------------------
+@njit(**KERNEL)
+def _embedding(out, ids, table, position_ids, positions, type_ids, type_table, has_types):
+    """out[t] = table[ids[t]] + positions[position_ids[t]] (+ type_table[type_ids[t]]).   out (T, D)."""
+    T, D = out.shape
+    for t in prange(T):
+        word = table[ids[t]]  # (D,)
+        pos = positions[position_ids[t]]  # (D,)
+        if has_types:
+            kind = type_table[type_ids[t]]  # (D,)
+            for c in range(D):
+                out[t, c] = word[c] + pos[c] + kind[c]
+        else:
+            for c in range(D):
+                out[t, c] = word[c] + pos[c]
+
+
+@njit(**KERNEL)
+def _layer_norm(out, x, gamma, beta, eps):
+    """LayerNorm of each row.   out, x (R, D); gamma, beta (D,)."""
+    R = x.shape[0]
+    for r in prange(R):
+        normalise_row(out[r], x[r], gamma, beta, eps)
+
+
+@njit(**KERNEL)
+def _gelu(out, x):
+    R, D = x.shape
+    for r in prange(R):
+        for c in range(D):
+            out[r, c] = gelu_scalar(x[r, c])
+
+
+@njit(**KERNEL)
+def _gelu_tanh(out, x):
+    R, D = x.shape
+    for r in prange(R):
+        for c in range(D):
+            out[r, c] = gelu_tanh_scalar(x[r, c])
+
+
+@njit(**KERNEL)
+def _bias_gelu(out, x, bias):
+    """out = gelu(x + bias).   out, x (R, D); bias (D,)."""
+    R, D = x.shape
+    for r in prange(R):
+        for c in range(D):
+            out[r, c] = gelu_scalar(x[r, c] + bias[c])
+
+
+@njit(**KERNEL)
+def _bias_gelu_tanh(out, x, bias):
+    R, D = x.shape
+    for r in prange(R):
+        for c in range(D):
+            out[r, c] = gelu_tanh_scalar(x[r, c] + bias[c])
+
+
+@njit(**KERNEL)
+def _bias_residual(out, x, bias, residual):
+    R, D = x.shape
+    for r in prange(R):
+        for c in range(D):
+            out[r, c] = x[r, c] + bias[c] + residual[r, c]
+
+
+@njit(**KERNEL)
+def _bias_residual_layer_norm(out, x, bias, residual, gamma, beta, eps):
+    """out = layer_norm(x + bias + residual): the sum is written into out, then normalised in place."""
+    R, D = x.shape
+    for r in prange(R):
+        o = out[r]
+        for c in range(D):
+            o[c] = x[r, c] + bias[c] + residual[r, c]
+        normalise_row(o, o, gamma, beta, eps)
+
+
+@njit(**KERNEL)
+def _bias_residual_and_layer_norm(out_sum, out_norm, x, bias, residual, gamma, beta, eps):
+    """out_sum = x + bias + residual; out_norm = layer_norm(out_sum)."""
+    R, D = x.shape
+    for r in prange(R):
+        s = out_sum[r]
+        for c in range(D):
+            s[c] = x[r, c] + bias[c] + residual[r, c]
+        normalise_row(out_norm[r], s, gamma, beta, eps)
+
+
+@njit(**KERNEL)
+def _split_qkv(q, k, v, qkv, bias, offset):
+    """qkv + bias (B, L, 3·H·d) into heads: q (B, H, L, d); k, v (B, H, T, d) at rows offset + n."""
+    B, H, L, d = q.shape
+    HD = H * d
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        row = qkv[b, n]  # (3·H·d,)
+        for h in range(H):  # contiguous row views: the copies vectorise (4-D indexing in the loop does not)
+            add_row(q[b, h, n], row[h * d : (h + 1) * d], bias[h * d : (h + 1) * d])
+            add_row(k[b, h, offset + n], row[HD + h * d : HD + (h + 1) * d], bias[HD + h * d : HD + (h + 1) * d])
+            lo = 2 * HD + h * d
+            add_row(v[b, h, offset + n], row[lo : lo + d], bias[lo : lo + d])
+
+
+@njit(**KERNEL)
+def _merge_heads(out, o):
+    """o (B, H, L, d) -> out (B, L, H·d)."""
+    B, H, L, d = o.shape
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        dst = out[b, n]  # (H·d,)
+        for h in range(H):
+            src = o[b, h, n]  # (d,)
+            for e in range(d):
+                dst[h * d + e] = src[e]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The contract's names: scalars normalised so that one compiled variant serves every caller
+# ----------------------------------------------------------------------------------------------------------------
+def embedding(out, ids, table, position_ids, positions, type_ids, type_table, has_types):
+    _embedding(out, ids, table, position_ids, positions, type_ids, type_table, bool(has_types))
+
+
+def layer_norm(out, x, gamma, beta, eps):
+    _layer_norm(out, x, gamma, beta, float(eps))
+
+
+def gelu(out, x):
+    _gelu(out, x)
+
+
+def gelu_tanh(out, x):
+    _gelu_tanh(out, x)
+
+
+def bias_gelu(out, x, bias):
+    _bias_gelu(out, x, bias)
+
+
+def bias_gelu_tanh(out, x, bias):
+    _bias_gelu_tanh(out, x, bias)
+
+
+def bias_residual(out, x, bias, residual):
+    _bias_residual(out, x, bias, residual)
+
+
+def bias_residual_layer_norm(out, x, bias, residual, gamma, beta, eps):
+    _bias_residual_layer_norm(out, x, bias, residual, gamma, beta, float(eps))
+
+
+def bias_residual_and_layer_norm(out_sum, out_norm, x, bias, residual, gamma, beta, eps):
+    _bias_residual_and_layer_norm(out_sum, out_norm, x, bias, residual, gamma, beta, float(eps))
+
+
+def split_qkv(q, k, v, qkv, bias, offset):
+    _split_qkv(q, k, v, qkv, bias, int(offset))
+
+
+def merge_heads(out, o):
+    _merge_heads(out, o)
+
+
+def warmup(dtypes=("float32", "float64")):
+    """Compile (or load from the disk cache) every block kernel for ``dtypes``, on tiny arrays."""
+    for name in dtypes:
+        dt = np.dtype(name)
+        B, H, L, d = 1, 2, 3, 4
+        D = H * d
+        x = np.zeros((B * L, D), dt)
+        vec = np.ones(D, dt)
+        ids = np.zeros(B * L, np.int64)
+        embedding(np.empty_like(x), ids, x, ids, x, ids, x, True)
+        layer_norm(np.empty_like(x), x, vec, vec, 1e-5)
+        for fn in (gelu, gelu_tanh):
+            fn(np.empty_like(x), x)
+        for fn in (bias_gelu, bias_gelu_tanh):
+            fn(np.empty_like(x), x, vec)
+        bias_residual(np.empty_like(x), x, vec, x)
+        bias_residual_layer_norm(np.empty_like(x), x, vec, x, vec, vec, 1e-5)
+        bias_residual_and_layer_norm(np.empty_like(x), np.empty_like(x), x, vec, x, vec, vec, 1e-5)
+        q = np.empty((B, H, L, d), dt)
+        split_qkv(q, np.empty_like(q), np.empty_like(q), np.zeros((B, L, 3 * D), dt), np.zeros(3 * D, dt), 0)
+        merge_heads(np.empty((B, L, D), dt), q)

@@ -11,6 +11,8 @@ Builds: ``_attention`` also exists as ``_attention_avx2`` and ``_attention_avx51
 widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
 choice (for tests and comparisons). The attention tile products may run in BLAS (SciPy's, loaded on the first
 large call, one thread per kernel thread): ``blas_status()`` says how, ``FASTATTN_CYTHON_BLAS=0`` turns it off.
+Loading it sets SciPy's OpenBLAS to one thread for the whole process, for good (see ``_blas.py``): ``scipy.linalg``
+then runs single-threaded too, as after the Numba backend's first BLAS use.
 """
 
 from __future__ import annotations

@@ -9,12 +9,20 @@ has_mask / has_key_bias is False.
 Tile products. `_gemm_nt` (scores = Q·Kᵀ) and `_gemm_nn` (P·V) either call BLAS (sgemm/dgemm taken from
 scipy.linalg.cython_blas at run time, single-threaded inside the OpenMP region, see _blas.py) or run the plain
 loops below them. BLAS is used when the call is large enough (_BLAS_MIN_WORK) and SciPy is there; the loops
-are the readable reference and the fallback. Both give the same results up to rounding.
+are the readable reference and the fallback. Both give the same results up to rounding. Loading BLAS sets SciPy's
+OpenBLAS to one thread for the whole process (_blas_one_thread, _blas.py).
+
+Wide accumulation. float32 products stay float32 (sgemm; in the loops, groups of 4 products summed in float32),
+but every long sum is kept in double: softmax row sums (exp_shift_sum), the fused kernel's running row sums and
+output rows (one float32 tile product per key tile, added into a double running weighted average, which also keeps
+huge values in V from overflowing), and weighted_sum (with BLAS, sgemm on chunks of _BLAS_BK keys added up in
+double). One heavy weight must not swallow many light ones.
 """
 
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from libc.math cimport INFINITY, exp
+from libc.float cimport DBL_MAX, FLT_MAX
+from libc.math cimport INFINITY, exp, fabs, fabsf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -87,7 +95,9 @@ def _load_blas():
     else:
         _blas_set_threads = <set_threads_t><size_t>api[0]
         _blas_get_threads = <get_threads_t><size_t>api[1]
-        _blas_status = f"scipy.linalg.cython_blas, OpenBLAS {api[2]} held to 1 thread inside the kernels"
+        _blas_one_thread()
+        _blas_status = (f"scipy.linalg.cython_blas, OpenBLAS {api[2]} set to 1 thread for the whole process "
+                        "(see fastattn.kernels.cython._blas)")
 
 
 def _set_blas_min_work(double work):
@@ -120,21 +130,15 @@ cdef bint _use_blas(double work, Py_ssize_t rows, Py_ssize_t largest_dim) except
     return _sgemm != NULL
 
 
-cdef inline int _blas_one_thread(bint use_blas) noexcept nogil:
-    """Hold OpenBLAS to one thread for the parallel region; returns the count to restore (0: nothing to do)."""
-    cdef int previous = 0
-    if use_blas and _blas_set_threads != NULL:
-        previous = _blas_get_threads()
-        if previous != 1:
-            _blas_set_threads(1)
-        else:
-            previous = 0
-    return previous
+cdef inline void _blas_one_thread() noexcept nogil:
+    """Set SciPy's OpenBLAS to one thread, for the whole process and for good (see _blas.py).
 
-
-cdef inline void _blas_restore(int previous) noexcept nogil:
-    if previous > 0:
-        _blas_set_threads(previous)
+    Done when BLAS is loaded and checked again before each kernel that calls it (two cheap calls), so that a
+    later change of the count by someone else cannot make the kernels oversubscribe. Never restored: a
+    save-and-restore around each call is process-wide too and races when two Python threads run kernels.
+    """
+    if _blas_set_threads != NULL and _blas_get_threads() != 1:
+        _blas_set_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,32 +190,53 @@ cdef void _gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, con
 
 
 cdef void _gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
-                   const floating* b, Py_ssize_t ldb, bint accumulate, floating* c, Py_ssize_t ldc,
+                   const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc, double* acc,
                    bint use_blas) noexcept nogil:
-    """c[i, j] (+)= Σ_e a[i, e]·b[e, j] for i < m, j < n (C = A·B, added to C when accumulate)."""
+    """c[i, j] = Σ_e a[i, e]·b[e, j] for i < m, j < n (C = A·B).
+
+    acc: scratch for n doubles (loops only). The loops sum in double: groups of 4 terms in the dtype, then added
+    into double, so that the error stays within a few 2^-24 of Σ|a·b| however long the sum (a float32 running
+    sum would let one heavy term swallow many light ones).
+    """
     cdef char notrans = b'N'
     cdef int im = <int>m, jn = <int>n, ek = <int>k, ilda = _i(lda), ildb = _i(ldb), ildc = _i(ldc)
-    cdef floating one = 1, beta = 1 if accumulate else 0
+    cdef floating one = 1, zero = 0
     cdef Py_ssize_t i, j, e
-    cdef floating ae
+    cdef double ae
+    cdef floating a0, a1, a2, a3
     cdef floating* crow
-    cdef const floating* brow
+    cdef const floating* b0
+    cdef const floating* b1
+    cdef const floating* b2
+    cdef const floating* b3
     if use_blas:
         if floating is float:
-            _sgemm(&notrans, &notrans, &jn, &im, &ek, &one, <float*>b, &ildb, <float*>a, &ilda, &beta, c, &ildc)
+            _sgemm(&notrans, &notrans, &jn, &im, &ek, &one, <float*>b, &ildb, <float*>a, &ilda, &zero, c, &ildc)
         else:
-            _dgemm(&notrans, &notrans, &jn, &im, &ek, &one, <double*>b, &ildb, <double*>a, &ilda, &beta, c, &ildc)
+            _dgemm(&notrans, &notrans, &jn, &im, &ek, &one, <double*>b, &ildb, <double*>a, &ilda, &zero, c, &ildc)
         return
     for i in range(m):
         crow = c + i * ldc
-        if not accumulate:
+        for j in range(n):
+            acc[j] = 0
+        e = 0
+        while e + 4 <= k:                    # 4 terms summed in the dtype (whole-vector FMAs), then in double
+            a0, a1, a2, a3 = a[i * lda + e], a[i * lda + e + 1], a[i * lda + e + 2], a[i * lda + e + 3]
+            b0 = b + e * ldb
+            b1 = b0 + ldb
+            b2 = b1 + ldb
+            b3 = b2 + ldb
             for j in range(n):
-                crow[j] = 0
-        for e in range(k):
+                acc[j] = acc[j] + <double>(a0 * b0[j] + a1 * b1[j] + a2 * b2[j] + a3 * b3[j])
+            e += 4
+        while e < k:
             ae = a[i * lda + e]
-            brow = b + e * ldb
+            b0 = b + e * ldb
             for j in range(n):
-                crow[j] = crow[j] + ae * brow[j]
+                acc[j] = acc[j] + ae * b0[j]
+            e += 1
+        for j in range(n):
+            crow[j] = <floating>acc[j]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +326,8 @@ def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const flo
     cdef floating* bt = NULL
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
-    cdef int saved = _blas_one_thread(use_blas)
+    if use_blas:
+        _blas_one_thread()
     with nogil, parallel(num_threads=_n_threads):
         if not use_blas:
             bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64)
@@ -326,7 +352,6 @@ def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const flo
                 for c in range(end, S):
                     srow[c] = -INFINITY
         free(bt)
-    _blas_restore(saved)
     if failed:
         raise MemoryError("scores: no memory for the per-thread tile buffers")
 
@@ -357,7 +382,11 @@ def softmax(floating[:, ::1] out, const floating[:, ::1] s):
 
 
 def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, const floating[:, :, :, ::1] v):
-    """out[b, h] = p[b, h] @ v[b, h // g] (L×S times S×Ev)."""
+    """out[b, h] = p[b, h] @ v[b, h // g] (L×S times S×Ev), each output summed in double.
+
+    Loops: double sums. BLAS, float32: sgemm on chunks of _BLAS_BK keys, the chunks added up in double (a long
+    float32 sum would let one heavy weight swallow many light ones); float64: one dgemm per tile.
+    """
     cdef Py_ssize_t B = p.shape[0], Hq = p.shape[1], L = p.shape[2], S = p.shape[3]
     cdef Py_ssize_t Hkv = v.shape[1], Ev = v.shape[3]
     if B * Hq * L * Ev == 0:
@@ -366,20 +395,53 @@ def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, con
     cdef bint use_blas = _use_blas(<double>B * Hq * L * S * Ev, L, max(L, S, Ev))
     cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ
+    cdef bint chunked = use_blas and floating is float and S > _BLAS_BK
+    cdef Py_ssize_t chunk = _BLAS_BK if chunked else max(S, 1)
     cdef const floating* pp = &p[0, 0, 0, 0]
     cdef const floating* vp = &v[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
-    cdef Py_ssize_t w, b, h, i0, nq
-    cdef int saved = _blas_one_thread(use_blas)
-    with nogil:
-        for w in prange(B * Hq * n_qt, schedule="dynamic", num_threads=_n_threads):
+    cdef Py_ssize_t w, b, h, i0, nq, jc, j0, nk, x
+    cdef const floating* prow
+    cdef const floating* vh
+    cdef floating* orow
+    cdef floating* tile = NULL
+    cdef double* acc = NULL
+    cdef int failed = 0
+    cdef int* failed_flag = &failed             # shared: written through the pointer
+    if use_blas:
+        _blas_one_thread()
+    with nogil, parallel(num_threads=_n_threads):
+        # per thread: loops, Ev doubles (row sums); chunked BLAS, a float32 product tile and its double sum
+        acc = <double*>malloc((BQ * Ev if chunked else Ev) * sizeof(double))
+        tile = <floating*>malloc(BQ * Ev * sizeof(floating)) if chunked else NULL
+        for w in prange(B * Hq * n_qt, schedule="dynamic"):
+            if acc == NULL or (tile == NULL and chunked):
+                failed_flag[0] = 1
+                continue
             b = w // (Hq * n_qt)
             h = (w // n_qt) % Hq
             i0 = (w % n_qt) * BQ
             nq = min(BQ, L - i0)
-            _gemm_nn(nq, Ev, S, pp + ((b * Hq + h) * L + i0) * S, S, vp + (b * Hkv + h // group) * S * Ev, Ev,
-                     False, op + ((b * Hq + h) * L + i0) * Ev, Ev, use_blas)
-    _blas_restore(saved)
+            prow = pp + ((b * Hq + h) * L + i0) * S
+            vh = vp + (b * Hkv + h // group) * S * Ev
+            orow = op + ((b * Hq + h) * L + i0) * Ev
+            if not chunked:
+                _gemm_nn(nq, Ev, S, prow, S, vh, Ev, orow, Ev, acc, use_blas)
+                continue
+            for x in range(nq * Ev):
+                acc[x] = 0
+            for jc in range((S + chunk - 1) // chunk):
+                j0 = jc * chunk
+                nk = min(chunk, S - j0)
+                _gemm_nn(nq, Ev, nk, prow + j0, S, vh + j0 * Ev, Ev, tile, Ev, NULL, True)
+                for x in range(nq * Ev):
+                    acc[x] = acc[x] + tile[x]
+            for x in range(nq * Ev):
+                orow[x] = <floating>acc[x]
+        free(acc)
+        free(tile)
+    if failed:
+        raise MemoryError("weighted_sum: no memory for the per-thread buffers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,92 +451,214 @@ def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, con
 cdef Py_ssize_t _DIAG_ROWS = 64   # on the causal diagonal, query rows go in groups of this many
 
 
-cdef void _attend_block(floating* o, const floating* q, const floating* k, const floating* v,
-                        Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk,
-                        bint first, Py_ssize_t E, Py_ssize_t Ev, floating scale, const Masks* mk,
-                        floating* sbuf, floating* bt, double* m, double* l, double* alpha,
-                        bint use_blas) noexcept nogil:
-    """One block of the online softmax: queries i0..i0+nq-1 (rows q, o, m, l, alpha) against keys j0..j0+nk-1.
+cdef inline floating _fabs(floating x) noexcept nogil:
+    if floating is float:
+        return fabsf(x)
+    else:
+        return fabs(x)
 
-    m[r], l[r]: running max and sum of row r; o: its unnormalised output, rescaled by alpha = exp(m_old - m_new)
-    when the block raises the max (first: the first block of these rows, o is overwritten).
+
+cdef inline double _abs_max(const floating* x, Py_ssize_t n) noexcept nogil:
+    """max |x[j]| over j < n, ignoring NaN (0 when n == 0); LANES partial results so that it vectorises."""
+    cdef floating acc[LANES]
+    cdef floating a
+    cdef Py_ssize_t j, u
+    cdef Py_ssize_t nfull = n - n % LANES
+    for u in range(LANES):
+        acc[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            a = _fabs(x[j * LANES + u])
+            acc[u] = a if a > acc[u] else acc[u]
+    for j in range(nfull, n):
+        a = _fabs(x[j])
+        acc[0] = a if a > acc[0] else acc[0]
+    for u in range(1, LANES):
+        acc[0] = acc[u] if acc[u] > acc[0] else acc[0]
+    return acc[0]
+
+
+cdef struct Tile:
+    # per-thread scratch of the fused kernel, for one query tile (nq <= BQ rows); the void* hold `floating`
+    void* s               # BQ×BK scores, then probabilities
+    void* bt              # loops only: E×BK (transposed K tile) and BK doubles
+    double* acc           # BQ×Ev: the output rows, a running weighted average
+    double* m             # BQ: running row max
+    double* l             # BQ: running row sum
+    double* keep          # BQ: factor of the old average in the new one, l_old·alpha / l_new
+    double* add           # BQ: factor of this tile's P·V in it, up / l_new
+
+
+cdef void _fold_pv_loops(double* acc, const floating* p, Py_ssize_t nq, Py_ssize_t nk, const floating* v,
+                         Py_ssize_t Ev, const double* keep, const double* add, const double* l) noexcept nogil:
+    """acc[r] = acc[r]·keep[r] + Σ_j (p[r, j]·add[r])·v[j] for the rows with l[r] != 0 (p: nq×nk, v: nk×Ev).
+
+    The loops' P·V, folded straight into the running average: the weights p·add sum to at most 1, so nothing can
+    overflow, even with huge V. Keys go in groups of 4, whose products are summed in the dtype (FMAs on whole
+    vectors) and then added into double: the error stays within a few 2^-24 of Σ|p·v| however many keys.
+    """
+    cdef Py_ssize_t r, c, j
+    cdef double kr, ar, wj
+    cdef floating w0, w1, w2, w3
+    cdef double* arow
+    cdef const floating* prow
+    cdef const floating* v0
+    cdef const floating* v1
+    cdef const floating* v2
+    cdef const floating* v3
+    for r in range(nq):
+        if l[r] == 0.0:
+            continue
+        kr = keep[r]
+        ar = add[r]
+        arow = acc + r * Ev
+        prow = p + r * nk
+        for c in range(Ev):
+            arow[c] = arow[c] * kr
+        j = 0
+        while j + 4 <= nk:
+            w0 = <floating>(prow[j] * ar)
+            w1 = <floating>(prow[j + 1] * ar)
+            w2 = <floating>(prow[j + 2] * ar)
+            w3 = <floating>(prow[j + 3] * ar)
+            v0 = v + j * Ev
+            v1 = v0 + Ev
+            v2 = v1 + Ev
+            v3 = v2 + Ev
+            for c in range(Ev):
+                arow[c] = arow[c] + <double>(w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c])
+            j += 4
+        while j < nk:
+            wj = prow[j] * ar
+            v0 = v + j * Ev
+            for c in range(Ev):
+                arow[c] = arow[c] + wj * v0[c]
+            j += 1
+
+
+cdef void _attend_block(double* acc, floating* pv, const floating* q, const floating* k, const floating* v,
+                        Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk,
+                        Py_ssize_t E, Py_ssize_t Ev, floating scale, double up, const Masks* mk,
+                        const Tile* t, Py_ssize_t r0, bint use_blas) noexcept nogil:
+    """One block of the online softmax: queries i0..i0+nq-1 (rows q, acc, pv; rows r0.. of t.m, t.l, ...) against
+    keys j0..j0+nk-1. pv (nq×Ev, BLAS only) receives the tile product P·V: the caller passes the output rows.
+
+    m, l: running max and sum of each row; acc: its output so far, kept as a weighted average (already divided by
+    l), so that it never grows past the largest |V|:  acc = acc·(alpha·l_old / l_new) + (P·V)·(1 / l_new),
+    alpha = exp(m_old - m_new). With BLAS, P·V is one float32 (or float64) gemm per tile, added into the double
+    acc; the loops fold P·V into acc themselves (_fold_pv_loops).
+    up > 1 (BLAS, a tile of huge V, up = 2^k >= 2·nk): P is divided by up before the gemm (exactly: a power of two),
+    so that its P·V, at most nk·max|V| / up, cannot overflow; the factor up / l_new puts it back.
     """
     cdef Py_ssize_t r, c
-    cdef double m_new, tile_max, ref
-    cdef floating a
+    cdef double m_new, m_old, tile_max, ref, alpha, l_old, l_new, kr, ar
+    cdef floating down = <floating>(1.0 / up)
+    cdef floating* s = <floating*>t.s
     cdef floating* srow
-    cdef floating* orow
-    # 1. scores: sbuf[r, c] = scale·⟨q[r], k[j0 + c]⟩ + masks
-    _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, sbuf, nk, bt, use_blas)
-    # 2. online softmax: sbuf[r] becomes exp(s - m_new); l and the rescale factor follow
+    cdef const floating* pvrow
+    cdef double* arow
+    cdef double* m = t.m + r0
+    cdef double* l = t.l + r0
+    cdef double* keep = t.keep + r0
+    cdef double* add = t.add + r0
+    # 1. scores: s[r, c] = scale·⟨q[r], k[j0 + c]⟩ + masks
+    _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, s, nk, <floating*>t.bt, use_blas)
+    # 2. online softmax: s[r] becomes exp(s - ref); m, l and the two factors of step 3 follow
     for r in range(nq):
-        srow = sbuf + r * nk
+        srow = s + r * nk
         if mk.mask != NULL or mk.key_bias != NULL or (mk.causal and j0 + nk - 1 > i0 + r + mk.causal_offset):
             _mask_row(srow, nk, b, h, i0 + r, j0, mk)
         tile_max = row_max(srow, nk)
-        m_new = tile_max if tile_max > m[r] else m[r]
+        m_old = m[r]
+        m_new = tile_max if tile_max > m_old else m_old
         if m_new == -INFINITY:          # nothing visible yet: exp(s - 0) is 0 (or NaN for a NaN score)
-            ref, alpha[r] = 0.0, 1.0
-        elif m[r] == -INFINITY:         # first visible key: the earlier (zero) sum restarts
-            ref, alpha[r] = m_new, 0.0
+            ref, alpha = 0.0, 1.0
         else:
-            ref, alpha[r] = m_new, exp(m[r] - m_new)
-        l[r] = l[r] * alpha[r] + exp_shift_sum(srow, nk, ref)
+            ref = m_new
+            if m_old == m_new:
+                alpha = 1.0             # the usual case once the max has settled: no call to exp
+            elif m_old == -INFINITY:
+                alpha = 0.0             # first visible key: the sum restarts
+            else:
+                alpha = exp(m_old - m_new)
+        l_old = l[r]
+        l_new = l_old * alpha + exp_shift_sum(srow, nk, ref)
+        l[r] = l_new
         m[r] = m_new
-    # 3. weighted sum: o = alpha·o + P·V
-    if not first:
-        for r in range(nq):
-            if alpha[r] != 1.0:
-                a = <floating>alpha[r]
-                orow = o + r * Ev
-                for c in range(Ev):
-                    orow[c] = orow[c] * a
-    _gemm_nn(nq, Ev, nk, sbuf, nk, v + j0 * Ev, Ev, not first, o, Ev, use_blas)
+        if l_new != 0.0:                # (NaN included: the row stays NaN)
+            keep[r] = l_old * alpha / l_new
+            add[r] = up / l_new
+        if up != 1.0:                   # huge V: p / up for the gemm (rare)
+            for c in range(nk):
+                srow[c] = srow[c] * down
+    # 3. weighted sum of this tile folded into the running average (rows with l = 0 saw no key: acc stays 0)
+    if not use_blas:
+        _fold_pv_loops(acc, s, nq, nk, v + j0 * Ev, Ev, keep, add, l)
+        return
+    _gemm_nn(nq, Ev, nk, s, nk, v + j0 * Ev, Ev, pv, Ev, NULL, True)
+    for r in range(nq):
+        if l[r] != 0.0:
+            kr = keep[r]
+            ar = add[r]
+            arow = acc + r * Ev
+            pvrow = pv + r * Ev
+            for c in range(Ev):
+                arow[c] = arow[c] * kr + pvrow[c] * ar
 
 
 cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, const floating* v,
                              Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t S,
-                             Py_ssize_t E, Py_ssize_t Ev, Py_ssize_t BK, floating scale, const Masks* mk,
-                             floating* sbuf, floating* bt, double* m, double* l, double* alpha,
-                             bint use_blas) noexcept nogil:
+                             Py_ssize_t E, Py_ssize_t Ev, Py_ssize_t BQ, Py_ssize_t BK, floating scale,
+                             double v_big, double up_big, const Masks* mk, floating* fbuf, double* dbuf,
+                             floating* bt, bint use_blas) noexcept nogil:
     """o[0:nq] = softmax(scale·q kᵀ + masks) v for queries i0..i0+nq-1 of head (b, h), key tile by key tile.
 
-    q: nq×E rows of this head; k: S×E, v: S×Ev of its key/value head; o: nq×Ev rows of out, also the
-    accumulator. Per-thread scratch: sbuf (nq×BK), bt (E×BK and BK doubles, loops only), m, l, alpha (nq).
+    q: nq×E rows of this head; k: S×E, v: S×Ev of its key/value head; o: nq×Ev rows of out. The output rows are
+    accumulated in double (Tile.acc) and written once at the end; until then o holds each key tile's P·V (BLAS).
+    Per-thread scratch (see Tile): fbuf (BQ·BK floating), dbuf (BQ·Ev + 4·BQ doubles), bt (loops only: E×BK
+    floating and BK doubles).
     Causal: key tiles past the last visible key are skipped; a tile that crosses the diagonal is split into
     groups of _DIAG_ROWS rows, each computing only the keys its last row sees.
+    Huge values (BLAS): a key tile whose max |V| exceeds v_big has its P scaled down by up_big (see _attend_block).
     """
     cdef Py_ssize_t end = _visible_end(i0 + nq - 1, S, mk)
     cdef Py_ssize_t jt, j0, nk, r, c, g, r0, ng, nk_g
-    cdef floating inv
+    cdef double up = 1.0
     cdef floating* orow
+    cdef double* arow
+    cdef Tile t
+    t.s = fbuf
+    t.bt = bt
+    t.acc = dbuf
+    t.m = dbuf + BQ * Ev
+    t.l = t.m + BQ
+    t.keep = t.l + BQ
+    t.add = t.keep + BQ
     for r in range(nq):
-        m[r] = -INFINITY
-        l[r] = 0.0
+        t.m[r] = -INFINITY
+        t.l[r] = 0.0
+    memset(t.acc, 0, nq * Ev * sizeof(double))
     for jt in range((end + BK - 1) // BK):
         j0 = jt * BK
         nk = min(BK, end - j0)
+        if use_blas:
+            up = up_big if _abs_max(v + j0 * Ev, nk * Ev) > v_big else 1.0
         if not mk.causal or j0 + nk - 1 <= i0 + mk.causal_offset:     # every row sees the whole tile
-            _attend_block(o, q, k, v, b, h, i0, nq, j0, nk, jt == 0, E, Ev, scale, mk,
-                          sbuf, bt, m, l, alpha, use_blas)
+            _attend_block(t.acc, o, q, k, v, b, h, i0, nq, j0, nk, E, Ev, scale, up, mk, &t, 0, use_blas)
             continue
         for g in range((nq + _DIAG_ROWS - 1) // _DIAG_ROWS):
             r0 = g * _DIAG_ROWS
             ng = min(_DIAG_ROWS, nq - r0)
             nk_g = min(nk, i0 + r0 + ng + mk.causal_offset - j0)       # keys up to the group's last row
             if nk_g > 0:                 # rows that see no key of this tile see none later either
-                _attend_block(o + r0 * Ev, q + r0 * E, k, v, b, h, i0 + r0, ng, j0, nk_g, jt == 0, E, Ev,
-                              scale, mk, sbuf, bt, m + r0, l + r0, alpha + r0, use_blas)
-    # normalise; a row that saw no key (sum 0) gives zeros, a NaN row stays NaN
+                _attend_block(t.acc + r0 * Ev, o + r0 * Ev, q + r0 * E, k, v, b, h, i0 + r0, ng, j0, nk_g,
+                              E, Ev, scale, up, mk, &t, r0, use_blas)
+    # the averages are the outputs; a row that saw no key is still zeros, a NaN row is NaN
     for r in range(nq):
         orow = o + r * Ev
-        if l[r] == 0.0:
-            for c in range(Ev):
-                orow[c] = 0
-        else:
-            inv = <floating>(1.0 / l[r])
-            for c in range(Ev):
-                orow[c] = orow[c] * inv
+        arow = t.acc + r * Ev
+        for c in range(Ev):
+            orow[c] = <floating>arow[c]
 
 
 def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
@@ -492,26 +676,35 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
     cdef Py_ssize_t BK = _BLAS_BK if use_blas else _LOOP_BK
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ, n_bh = B * Hq
+    # Huge values (BLAS): a key tile's gemm P·V sums up to BK terms p·v with p <= 1; with |V| <= v_big it stays
+    # below half the largest float. Above, P is divided by up_big = 2^k >= 2·BK first, see _attend_block.
+    # (The loops need neither: they fold P·V with weights p / l, which sum to at most 1.)
+    cdef double up_big = 2.0
+    while up_big < 2 * BK:
+        up_big *= 2
+    cdef double v_big = (FLT_MAX if floating is float else DBL_MAX) / up_big
     cdef floating alpha_scale = <floating>scale
     cdef const floating* qp = &q[0, 0, 0, 0]
     cdef const floating* kp = &k[0, 0, 0, 0]
     cdef const floating* vp = &v[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef Py_ssize_t w, bh, b, h, i0, nq
-    cdef floating* sbuf = NULL
+    cdef floating* fbuf = NULL
+    cdef double* dbuf = NULL
     cdef floating* bt = NULL
-    cdef double* stats = NULL
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
-    cdef int saved = _blas_one_thread(use_blas)
+    if use_blas:
+        _blas_one_thread()
     with nogil, parallel(num_threads=_n_threads):
-        sbuf = <floating*>malloc(BQ * BK * sizeof(floating) + 64)
+        # per-thread scratch, see Tile: floating s; double acc, m, l, keep, add; bt (loops only)
+        fbuf = <floating*>malloc(BQ * BK * sizeof(floating) + 64)
+        dbuf = <double*>malloc((BQ * Ev + 4 * BQ) * sizeof(double))
         bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64) if not use_blas else NULL
-        stats = <double*>malloc(3 * BQ * sizeof(double))
         # Work items: (query tile, head). Largest query tiles first, so that under causal masking the
         # dynamic schedule ends with the cheap tiles and the threads finish together.
         for w in prange(n_bh * n_qt, schedule="dynamic"):
-            if sbuf == NULL or stats == NULL or (bt == NULL and not use_blas):
+            if fbuf == NULL or dbuf == NULL or (bt == NULL and not use_blas):
                 failed_flag[0] = 1
                 continue
             bh = w % n_bh
@@ -521,12 +714,11 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
             nq = min(BQ, L - i0)
             _attend_query_tile(op + (bh * L + i0) * Ev, qp + (bh * L + i0) * E,
                                kp + (b * Hkv + h // group) * S * E, vp + (b * Hkv + h // group) * S * Ev,
-                               b, h, i0, nq, S, E, Ev, BK, alpha_scale, &mk,
-                               sbuf, bt, stats, stats + BQ, stats + 2 * BQ, use_blas)
-        free(sbuf)
+                               b, h, i0, nq, S, E, Ev, BQ, BK, alpha_scale, v_big, up_big, &mk,
+                               fbuf, dbuf, bt, use_blas)
+        free(fbuf)
+        free(dbuf)
         free(bt)
-        free(stats)
-    _blas_restore(saved)
     if failed:
         raise MemoryError("attention: no memory for the per-thread tile buffers")
 

@@ -5,9 +5,18 @@ from ``scipy.linalg.cython_blas`` at run time (its ``__pyx_capi__`` capsules), s
 build fastattn nor to run it: without SciPy the kernels use their own loops.
 
 The gemm calls run inside an OpenMP parallel region, one tile per thread. A threaded OpenBLAS would start its own
-threads on top of those (oversubscription), so while a kernel runs it sets OpenBLAS to one thread and then puts
-the previous count back. OpenBLAS has no per-thread setting that works in its pthreads builds
-(``openblas_set_num_threads_local`` is process-wide there), hence the save-and-restore around each call.
+threads on top of those (oversubscription), so **SciPy's OpenBLAS is set to one thread for the whole process**
+when the kernels first load BLAS (the first call large enough to use it), and it stays so: the kernels never
+put the previous count back. Before each kernel that calls BLAS they check the count (one cheap call) and set
+it to one again if something raised it since. The Numba backend does the same (``kernels/numba/_config.py``,
+``limit_scipy_blas_threads``).
+
+The price: ``scipy.linalg`` in the same process runs on one thread from then on (NumPy's own BLAS is a separate
+library and keeps its threads). Saving and restoring the count around each kernel call, as an earlier version
+did, is no better: OpenBLAS has no per-thread setting that works in its pthreads builds
+(``openblas_set_num_threads_local`` is process-wide there), so two Python threads running kernels at once race on
+the process-wide count (one may restore "2" while the other still runs its gemms, or leave it at 1), and each
+restore to several threads wakes OpenBLAS's thread pool, whose threads then spin and take cores from the kernels.
 Only libraries with the 32-bit-integer (LP64) names are touched: NumPy's own ILP64 OpenBLAS (``...64_`` names),
 which SciPy's Cython BLAS does not call, is left alone.
 """

@@ -111,7 +111,11 @@ cdef inline float fexpf_neg(float x) noexcept nogil:
 
 
 cdef inline double row_max(const floating* row, Py_ssize_t n) noexcept nogil:
-    """Largest entry of row[0:n] ignoring NaN; -inf when n == 0 or all are -inf/NaN."""
+    """Largest entry of row[0:n] ignoring NaN; -inf when n == 0 or all are -inf/NaN.
+
+    MAX_LANES partial maxima, then blocks of LANES, then a scalar tail; the lanes are folded in halves (a few
+    vector steps, not a chain of MAX_LANES scalar ones: that chain cost ~5% of the fused kernel).
+    """
     cdef floating acc[MAX_LANES]
     cdef floating x
     cdef Py_ssize_t j, u
@@ -122,46 +126,93 @@ cdef inline double row_max(const floating* row, Py_ssize_t n) noexcept nogil:
         for u in range(MAX_LANES):
             x = row[j * MAX_LANES + u]
             acc[u] = x if x > acc[u] else acc[u]
-    for j in range(nfull, n):
+    j = nfull
+    while j + LANES <= n:
+        for u in range(LANES):
+            x = row[j + u]
+            acc[u] = x if x > acc[u] else acc[u]
+        j += LANES
+    while j < n:
         x = row[j]
         acc[0] = x if x > acc[0] else acc[0]
-    for u in range(1, MAX_LANES):
-        acc[0] = acc[u] if acc[u] > acc[0] else acc[0]
-    return acc[0]
+        j += 1
+    for u in range(32):       # fold 64 -> 1 (MAX_LANES = 64)
+        acc[u] = acc[u + 32] if acc[u + 32] > acc[u] else acc[u]
+    for u in range(16):
+        acc[u] = acc[u + 16] if acc[u + 16] > acc[u] else acc[u]
+    for u in range(8):
+        acc[u] = acc[u + 8] if acc[u + 8] > acc[u] else acc[u]
+    for u in range(4):
+        acc[u] = acc[u + 4] if acc[u + 4] > acc[u] else acc[u]
+    for u in range(2):
+        acc[u] = acc[u + 2] if acc[u + 2] > acc[u] else acc[u]
+    return acc[1] if acc[1] > acc[0] else acc[0]
+
+
+cdef inline double _sum_lanes(double* acc) noexcept nogil:
+    """acc[0] + ... + acc[LANES-1] (LANES = 16), folded in halves (pairwise: a few vector adds)."""
+    cdef Py_ssize_t u
+    for u in range(8):
+        acc[u] = acc[u] + acc[u + 8]
+    for u in range(4):
+        acc[u] = acc[u] + acc[u + 4]
+    for u in range(2):
+        acc[u] = acc[u] + acc[u + 2]
+    return acc[0] + acc[1]
+
+
+cdef inline floating _exp_neg(floating x) noexcept nogil:
+    """exp(x) for x <= 0 (or -inf, NaN): fexpf_neg in float32, libm's exp in double."""
+    if floating is float:
+        return fexpf_neg(x)
+    else:
+        return _exp(x)
 
 
 cdef inline double exp_shift_sum(floating* row, Py_ssize_t n, double ref) noexcept nogil:
-    """row[j] = exp(row[j] - ref) in place; returns the sum (partial sums in LANES, combined in double).
+    """row[j] = exp(row[j] - ref) in place; returns the sum, accumulated in double.
 
     ref must be >= every entry (a softmax passes the row maximum, or 0 for a row of -inf): float32 then uses
     fexpf_neg. -inf entries give 0, NaN entries NaN.
+    Wide sum: the exps stay float32, but the LANES partial sums are double, so that one dominant entry (p = 1)
+    does not swallow many tiny ones (p < 2^-24 vanishes beside 1 in float32). To keep the conversions cheap, four
+    entries are added in float32 first, pairwise: each group of four is rounded twice (relative error <= 2^-23 of
+    the group), so the sum's error stays below 2^-23 of the total, however long the row. float64 rows are summed
+    one entry at a time (grouping only slows the calls to libm's exp there).
     """
-    cdef floating acc[LANES]
-    cdef floating p
+    cdef double acc[LANES]
+    cdef floating p, p1, p2, p3
     cdef floating m = <floating>ref
     cdef Py_ssize_t j, u
-    cdef Py_ssize_t nfull = n - n % LANES
+    cdef Py_ssize_t step = 4 * LANES
+    cdef Py_ssize_t ngroup = n - n % step if floating is float else 0
     cdef double total = 0.0
     for u in range(LANES):
         acc[u] = 0
-    for j in range(0, nfull // LANES):
+    for j in range(0, ngroup // step):      # float32: groups of four (see above)
         for u in range(LANES):
-            if floating is float:
-                p = fexpf_neg(row[j * LANES + u] - m)
-            else:
-                p = _exp(row[j * LANES + u] - m)
-            row[j * LANES + u] = p
-            acc[u] = acc[u] + p
-    for j in range(nfull, n):
-        if floating is float:
-            p = fexpf_neg(row[j] - m)
-        else:
-            p = _exp(row[j] - m)
+            p = _exp_neg(row[j * step + u] - m)
+            p1 = _exp_neg(row[j * step + LANES + u] - m)
+            p2 = _exp_neg(row[j * step + 2 * LANES + u] - m)
+            p3 = _exp_neg(row[j * step + 3 * LANES + u] - m)
+            row[j * step + u] = p
+            row[j * step + LANES + u] = p1
+            row[j * step + 2 * LANES + u] = p2
+            row[j * step + 3 * LANES + u] = p3
+            acc[u] = acc[u] + <double>((p + p1) + (p2 + p3))
+    j = ngroup
+    while j + LANES <= n:
+        for u in range(LANES):
+            p = _exp_neg(row[j + u] - m)
+            row[j + u] = p
+            acc[u] = acc[u] + <double>p
+        j += LANES
+    while j < n:
+        p = _exp_neg(row[j] - m)
         row[j] = p
         total += p
-    for u in range(LANES):
-        total += acc[u]
-    return total
+        j += 1
+    return total + _sum_lanes(acc)
 
 
 cdef extern from "<math.h>" nogil:

@@ -333,17 +333,19 @@ def test_numba_without_a_threadsafe_layer_never_aborts():
         ref = None
         outcome["errors"].append(f"{type(exc).__name__}: {exc}")
     barrier = threading.Barrier(8)
+    matches = []
     def work():
         barrier.wait()
         for _ in range(10):
             try:
                 out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="numba")
-                outcome["ok"] += bool(ref is not None and np.array_equal(out, ref))
+                matches.append(bool(ref is not None and np.array_equal(out, ref)))  # append is atomic; += is not
             except Exception as exc:
                 outcome["errors"].append(f"{type(exc).__name__}: {exc}")
     threads = [threading.Thread(target=work) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    outcome["ok"] = sum(matches)
     import numba
     try:
         outcome["layer"] = numba.threading_layer()

@@ -162,9 +162,8 @@ def test_block_kernel_modules_share_one_contract():
         assert not missing, f"{backend} block kernels lack {missing}"
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not available")
 def test_numba_blocks_use_the_shared_fastmath_flags():
-    if "numba" not in BACKENDS:
-        pytest.skip("numba is not available")
     import importlib.util
 
     source = open(importlib.util.find_spec("fastattn.kernels.numba.blocks").origin, encoding="utf-8").read()

@@ -133,6 +133,20 @@ def rescale_add(o, alpha, pv):
 
 
 @njit(**HELPER)
+def start_query_tile(qs, qt, scale, o, m, l):
+    """Begin a query tile: qs = qt * scale, o = 0, running max m = -inf, running sum l = 0."""
+    tq, E = qt.shape
+    Ev = o.shape[1]
+    for i in range(tq):
+        for e in range(E):
+            qs[i, e] = qt[i, e] * scale
+        for c in range(Ev):
+            o[i, c] = 0.0
+        m[i] = -np.inf
+        l[i] = 0.0
+
+
+@njit(**HELPER)
 def normalise_rows(o, l):
     """o /= l row by row; a row with l = 0 saw no key and becomes zeros (NaN stays NaN)."""
     tq, Ev = o.shape
@@ -186,13 +200,7 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
         m = m_buf[tid, :tq]
         l = l_buf[tid, :tq]
         alpha = a_buf[tid, :tq]
-        for i in range(tq):
-            for e in range(E):
-                qs[i, e] = qt[i, e] * scale
-            for c in range(Ev):
-                o[i, c] = 0.0
-            m[i] = -np.inf
-            l[i] = 0.0
+        start_query_tile(qs, qt, scale, o, m, l)
         for j0 in range(0, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
             kt = k[b, hk, j0:j0 + tk]  # (tk, E)
@@ -253,13 +261,7 @@ def attention_blas(out, q, k, v, scale, causal, causal_offset, mask, mst, has_ma
         m = m_buf[tid, :tq]
         l = l_buf[tid, :tq]
         alpha = a_buf[tid, :tq]
-        for i in range(tq):
-            for e in range(E):
-                qs[i, e] = qt[i, e] * scale
-            for c in range(Ev):
-                o[i, c] = 0.0
-            m[i] = -np.inf
-            l[i] = 0.0
+        start_query_tile(qs, qt, scale, o, m, l)
         for j0 in range(0, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
             kt = k[b, hk, j0:j0 + tk]  # (tk, E)

@@ -44,6 +44,7 @@ def _warn(message):
     print(f"WARNING (fastattn build): {message}", file=sys.stderr)
 
 
+HEADERS = sorted(os.path.relpath(h, HERE) for h in glob.glob(os.path.join(HERE, PYX_DIR, "*.h")))  # C included
 ISA_MARKER = "# fastattn: isa-variants"
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma"],
@@ -64,12 +65,12 @@ def _extensions():
     for src in sorted(glob.glob(os.path.join(HERE, PYX_DIR, "*.pyx"))):
         name = os.path.splitext(os.path.basename(src))[0]
         rel = os.path.relpath(src, HERE)
-        base = Extension(f"{PACKAGE}.{name}", [rel])
+        base = Extension(f"{PACKAGE}.{name}", [rel], include_dirs=[PYX_DIR], depends=HEADERS)
         base.fastattn_isa = None
         extensions.append(base)
         if isa_ok and _wants_isa_variants(src):
             for isa in ISA_FLAGS:
-                variant = Extension(f"{PACKAGE}.{name}_{isa}", [rel])
+                variant = Extension(f"{PACKAGE}.{name}_{isa}", [rel], include_dirs=[PYX_DIR], depends=HEADERS)
                 variant.fastattn_isa = isa
                 extensions.append(variant)
     return extensions
@@ -149,8 +150,10 @@ class OptionalBuildExt(build_ext):
             compile_args = ["/O2"]
         else:
             # -O3 and flags that leave results unchanged: no errno from libm (lets sqrt/exp inline), no FP-trap
-            # semantics (lets gcc vectorise the branch-free selects of the softmax), no debug info.
-            compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-g0"]
+            # semantics (lets gcc vectorise the branch-free selects of the softmax), no debug info. And
+            # -ffp-contract=fast, GCC's own default in its GNU C modes, pinned for builds that ask for ISO C: a*b + c
+            # may become one FMA (one rounding instead of two), which the tile products of _tile_gemm.h rely on.
+            compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-g0"]
             if _env_flag("FASTATTN_NATIVE"):
                 compile_args.append("-march=native")
         for ext in list(self.extensions):

@@ -2,6 +2,9 @@
 (``fastattn.oracle.scaled_dot_product_attention``, the baseline) and PyTorch's ``scaled_dot_product_attention``.
 
 GFLOP/s = 4·N²·d·H·B / t (QKᵀ and PV), half of it when causal. One benchmark group per dtype, shape and mask.
+
+``test_cython_tile_products`` compares the three ways the Cython kernel can multiply its tiles (its micro-kernel,
+the default; SciPy's BLAS; its plain loops), one group per dtype, shape and mask, the loops as the baseline.
 """
 
 from __future__ import annotations
@@ -84,3 +87,39 @@ def test_attention(measure, fa_kernels, request, dtype, shape, mask, backend):
         shape=list(shape),
         causal=causal,
     )
+
+
+@pytest.mark.parametrize("tiles", ["micro", "blas", "loops"])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_tile_products(measure, fa_kernels, dtype, shape, mask, tiles):
+    kern = fa_kernels("cython")
+    from fastattn.kernels.cython import _attention
+
+    B, H, N, d = shape
+    causal = mask == "causal"
+    q, k, v = qkv(shape, dtype)
+    out = np.zeros(shape, dtype=dtype)
+    no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (B, H, N, N))
+    no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, N))
+
+    def fn():
+        kern.attention(out, q, k, v, 1.0 / math.sqrt(d), causal, 0, no_mask, False, no_bias, False)
+        return out
+
+    previous = _attention._set_tile_products(tiles)
+    try:
+        measure(
+            fn,
+            group=f"cython tile products {dtype} {shape_id(shape)} {mask}",
+            backend=f"cython/{tiles}",
+            role="baseline" if tiles == "loops" else "fastattn",
+            flop=_timing.attention_flop(B, H, N, N, d, causal),
+            dtype=dtype,
+            shape=list(shape),
+            causal=causal,
+            tile_products=_attention.tile_products(),
+        )
+    finally:
+        _attention._set_tile_products(previous)

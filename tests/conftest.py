@@ -7,6 +7,8 @@ plus a few ulps of the result's scale; float64 results must agree with the float
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -19,9 +21,45 @@ BACKENDS = fastattn.available_backends()
 COMPILED = [b for b in BACKENDS if b != "numpy"]
 
 
+# The Cython backend multiplies its attention tiles one of three ways (kernels/cython/_attention.pyx): with its
+# micro-kernel (the default: plain "cython"), SciPy's BLAS or its plain loops. The oracle suites (test_backends,
+# test_properties) run every one: "cython/blas" and "cython/loops" are the backend "cython" with those tiles.
+TILE_VARIANTS = [f"cython/{tiles}" for tiles in ("blas", "loops")] if "cython" in BACKENDS else []
+BACKEND_VARIANTS = BACKENDS + TILE_VARIANTS
+COMPILED_VARIANTS = COMPILED + TILE_VARIANTS
+
+
+@contextlib.contextmanager
+def backend_variant(variant):
+    """Yield the backend name of ``variant`` ("cython/blas" -> "cython") with its tile products set for the block
+    (BLAS then serves every call it can, however small); the default ones are back afterwards."""
+    name, _, tiles = variant.partition("/")
+    if not tiles:
+        yield name
+        return
+    from fastattn.kernels.cython import _attention
+
+    previous = _attention._set_tile_products(tiles)
+    min_work = _attention._set_blas_min_work(0)
+    try:
+        yield name
+    finally:
+        _attention._set_tile_products(previous)
+        _attention._set_blas_min_work(min_work)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture(params=BACKEND_VARIANTS)
+def backend_or_variant(request):
+    """Every backend, and the Cython backend once more per other way of multiplying tiles (``backend_variant``).
+    A module runs its ``backend`` tests on all of them by overriding the fixture:
+    ``@pytest.fixture`` ``def backend(backend_or_variant): return backend_or_variant``."""
+    with backend_variant(request.param) as name:
+        yield name
 
 
 @pytest.fixture(params=COMPILED or ["numpy"])

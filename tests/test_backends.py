@@ -11,6 +11,13 @@ from conftest import check_against_oracle
 import fastattn
 from fastattn import _backends, oracle
 
+
+@pytest.fixture
+def backend(backend_or_variant):
+    """Every backend, and the Cython backend with each of its tile products (conftest.backend_variant)."""
+    return backend_or_variant
+
+
 DTYPES = [np.float32, np.float64]
 SIZES = [1, 3, 17, 59, 97, 111, 129]
 
@@ -319,3 +326,60 @@ def test_thread_count_does_not_change_results(compiled_backend):
     with fastattn.set_num_threads(2):
         two = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=compiled_backend)
     np.testing.assert_allclose(one, two, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ Cython tiles
+CYTHON = pytest.mark.skipif("cython" not in fastattn.available_backends(), reason="the cython backend is not built")
+
+
+@CYTHON
+@pytest.mark.parametrize("tiles", ["micro", "blas", "loops"])
+@pytest.mark.parametrize("bq,bk", [(7, 5), (13, 40), (32, 64)])
+@pytest.mark.parametrize("E,Ev", [(1, 1), (5, 17), (16, 16), (65, 33)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cython_tile_edges(tiles, bq, bk, E, Ev, dtype):
+    """Each way of multiplying tiles with small odd tiles, so that every edge runs: rows left over after the micro-
+    kernel's blocks of 6, columns left over after its vectors, head widths not a multiple of a vector, several key
+    tiles with a causal band and a mask; and the stage kernels (scores, weighted_sum), which cut keys in chunks."""
+    from fastattn.kernels.cython import _attention
+
+    rng = np.random.default_rng(E * 100 + Ev)
+    B, Hq, Hkv, L, S = 1, 2, 1, 29, 71
+    q, k, v = rand(rng, (B, Hq, L, E), dtype), rand(rng, (B, Hkv, S, E), dtype), rand(rng, (B, Hkv, S, Ev), dtype)
+    mask = np.where(rng.random((B, Hq, L, S)) > 0.1, 0.0, -np.inf).astype(dtype)
+    no_bias = np.broadcast_to(np.zeros((1, 1), dtype), (B, S))
+    full = mask + np.where(oracle.causal_mask(L, S, 3), 0.0, -np.inf)
+
+    def ref(q_, k_, v_):
+        return oracle.softmax(oracle.attention_scores(q_, np.repeat(k_, Hq, axis=1), 0.5, full)) @ np.repeat(v_, 2, 1)
+
+    previous = _attention._set_tile_products(tiles)
+    min_work = _attention._set_blas_min_work(0)
+    shape = _attention._set_tiles(tiles, bq, bk)
+    try:
+        assert _attention.tile_products().startswith(tiles)
+        kern = _backends.kernels("cython")
+        out = np.empty((B, Hq, L, Ev), dtype)
+        kern.attention(out, q, k, v, 0.5, True, 3, mask, True, no_bias, False)
+        check_against_oracle(out, ref, (q, k, v))
+        s = np.empty((B, Hq, L, S), dtype)
+        kern.scores(s, q, k, 0.5, False, 0, mask, False, no_bias, False)
+        check_against_oracle(s, lambda q_, k_: oracle.attention_scores(q_, np.repeat(k_, Hq, axis=1), 0.5), (q, k))
+        p = oracle.softmax(s.astype(np.float64)).astype(dtype)
+        kern.weighted_sum(out, p, v)
+        check_against_oracle(out, lambda p_, v_: p_ @ np.repeat(v_, Hq, axis=1), (p, v))
+    finally:
+        _attention._set_tiles(tiles, *shape)
+        _attention._set_blas_min_work(min_work)
+        _attention._set_tile_products(previous)
+
+
+@CYTHON
+def test_cython_tile_products_setting():
+    from fastattn.kernels import cython
+    from fastattn.kernels.cython import _attention
+
+    assert cython.tile_products().startswith("micro")  # the default
+    with pytest.raises(ValueError, match=r"tile products must be one of loops, blas, micro, got 'gemm'"):
+        _attention._set_tile_products("gemm")
+    assert cython.tile_products().startswith("micro")

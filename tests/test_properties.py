@@ -23,12 +23,19 @@ import os
 
 import numpy as np
 import pytest
-from conftest import COMPILED, check_against_oracle, score_rounding_floor
+from conftest import COMPILED_VARIANTS, backend_variant, check_against_oracle, score_rounding_floor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastattn
 from fastattn import _backends, oracle
+
+
+@pytest.fixture
+def backend(backend_or_variant):
+    """Every backend, and the Cython backend with each of its tile products (conftest.backend_variant)."""
+    return backend_or_variant
+
 
 PROFILES = {"dev": 0.1, "ci": 1.0, "thorough": 10.0}
 _FACTOR = PROFILES[os.environ.get("FASTATTN_HYPOTHESIS", "ci")]
@@ -460,33 +467,36 @@ def wide_row(where):
     return s, v, j, float(w @ v / w.sum())
 
 
-@pytest.mark.parametrize("backend_", COMPILED)
+@pytest.mark.parametrize("variant", COMPILED_VARIANTS)
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_float32_fused_row_sums_use_a_wide_accumulator(backend_, where):
+def test_float32_fused_row_sums_use_a_wide_accumulator(variant, where):
     s, v, _, share = wide_row(where)
     q = np.ones((1, 1, 1, 1), np.float32)
-    got = sdpa(q, s.reshape(1, 1, WIDE, 1), v.reshape(1, 1, WIDE, 1), scale=1.0, backend=backend_).item()
+    with backend_variant(variant) as backend_:
+        got = sdpa(q, s.reshape(1, 1, WIDE, 1), v.reshape(1, 1, WIDE, 1), scale=1.0, backend=backend_).item()
     assert abs(got - share) <= WIDE_BOUND * share, f"relative error {abs(got - share) / share:.2e}"
 
 
-@pytest.mark.parametrize("backend_", COMPILED)
+@pytest.mark.parametrize("variant", COMPILED_VARIANTS)
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_float32_softmax_row_sum_uses_a_wide_accumulator(backend_, where):
+def test_float32_softmax_row_sum_uses_a_wide_accumulator(variant, where):
     s, _, j, share = wide_row(where)
     p = np.empty((1, WIDE), np.float32)
-    _backends.kernels(backend_).softmax(p, s[None])
+    with backend_variant(variant) as backend_:
+        _backends.kernels(backend_).softmax(p, s[None])
     tiny = float(p[0, 1 if j == 0 else 0]) * (WIDE - 1)  # the tiny keys' share of the weight
     assert abs(tiny - share) <= WIDE_BOUND * share, f"relative error {abs(tiny - share) / share:.2e}"
 
 
-@pytest.mark.parametrize("backend_", COMPILED)
+@pytest.mark.parametrize("variant", COMPILED_VARIANTS)
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_float32_weighted_sum_uses_a_wide_accumulator(backend_, where):
+def test_float32_weighted_sum_uses_a_wide_accumulator(variant, where):
     s, v, _, share = wide_row(where)
     w = np.exp(s.astype(np.float64))
     p = (w / w.sum()).astype(np.float32).reshape(1, 1, 1, WIDE)  # the exact weights, rounded to float32 once
     out = np.empty((1, 1, 1, 1), np.float32)
-    _backends.kernels(backend_).weighted_sum(out, p, v.reshape(1, 1, WIDE, 1))
+    with backend_variant(variant) as backend_:
+        _backends.kernels(backend_).weighted_sum(out, p, v.reshape(1, 1, WIDE, 1))
     assert abs(out.item() - share) <= WIDE_BOUND * share, f"relative error {abs(out.item() - share) / share:.2e}"
 
 

@@ -9,10 +9,14 @@ Threads: ``set_num_threads(n)`` sets the threads of every parallel loop of this 
 
 Builds: ``_attention`` also exists as ``_attention_avx2`` and ``_attention_avx512`` on x86-64 (see setup.py); the
 widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
-choice (for tests and comparisons). The attention tile products may run in BLAS (SciPy's, loaded on the first
-large call, one thread per kernel thread): ``blas_status()`` says how, ``FASTATTN_CYTHON_BLAS=0`` turns it off.
-Loading it sets SciPy's OpenBLAS to one thread for the whole process, for good (see ``_blas.py``): ``scipy.linalg``
-then runs single-threaded too, as after the Numba backend's first BLAS use.
+choice (for tests and comparisons).
+
+Tile products: the attention kernels multiply their tiles (Q·Kᵀ, P·V) with a register-blocked micro-kernel in C
+(``_tile_gemm.h``, the default), with SciPy's BLAS, or with plain loops (the readable reference).
+``FASTATTN_CYTHON_TILES=micro|blas|loops`` picks one at import; ``tile_products()`` says which and how.
+BLAS is loaded on the first large call and runs one thread per kernel thread (``blas_status()`` says how,
+``FASTATTN_CYTHON_BLAS=0`` turns it off); loading it sets SciPy's OpenBLAS to one thread for the whole process, for
+good (see ``_blas.py``): ``scipy.linalg`` then runs single-threaded too, as after the Numba backend's first BLAS use.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ except ImportError as _exc:
         kernel.__name__ = kernel.__qualname__ = name
         return kernel
 
-    for _name in KERNELS + ("blas_status",):
+    for _name in KERNELS + ("blas_status", "tile_products"):
         globals()[_name] = _unavailable(_name)
     del _name
     _attention = _embedding = None
@@ -82,6 +86,14 @@ else:
     softmax = _attention.softmax
     weighted_sum = _attention.weighted_sum
     blas_status = _attention.blas_status
+    tile_products = _attention.tile_products
+    _tiles = os.environ.get("FASTATTN_CYTHON_TILES", "").strip().lower()
+    if _tiles:
+        try:
+            _attention._set_tile_products(_tiles)
+        except ValueError as _exc:
+            raise ValueError(f"FASTATTN_CYTHON_TILES: {_exc}") from None
+    del _tiles
     gather = _embedding.gather
     gather_add_positions = _embedding.gather_add_positions
     add_positions = _embedding.add_positions

@@ -28,6 +28,23 @@ from libc.string cimport memcpy, memset
 
 include "_common.pxi"
 
+cdef extern from "_tile_gemm.h" nogil:
+    const int FA_TILE_GEMM_VECTORS, FA_VEC_BYTES, FA_MR, FA_NV
+    void fa_tile_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, const float* a, Py_ssize_t a_rs,
+                        Py_ssize_t a_cs, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc)
+    void fa_tile_gemm_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, const double* a, Py_ssize_t a_rs,
+                        Py_ssize_t a_cs, const double* b, Py_ssize_t ldb, double* c, Py_ssize_t ldc)
+
+
+cdef inline void _micro_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, const floating* a,
+                             Py_ssize_t a_rs, Py_ssize_t a_cs, const floating* b, Py_ssize_t ldb, floating* c,
+                             Py_ssize_t ldc) noexcept nogil:
+    """c = alpha·(a @ b) with the register-blocked micro-kernel of _tile_gemm.h (a: any strides; b, c: rows)."""
+    if floating is float:
+        fa_tile_gemm_f(m, n, k, alpha, a, a_rs, a_cs, b, ldb, c, ldc)
+    else:
+        fa_tile_gemm_d(m, n, k, alpha, a, a_rs, a_cs, b, ldb, c, ldc)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Threads and BLAS
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,15 +71,48 @@ cdef get_threads_t _blas_get_threads = NULL
 cdef bint _blas_tried = False
 _blas_status = "not loaded yet (BLAS is loaded on the first call large enough to use it)"
 
-# A call whose multiply-adds (B·Hq·L·S·(E+Ev)) are fewer than this uses the loops (measured: BLAS wins from ~6e6,
-# e.g. 12 heads of 64×64); the first call above it loads SciPy's BLAS (~0.03 s, see _blas.py).
+# Tile products (see the module docstring): TILES_MICRO (the default), TILES_BLAS or TILES_LOOPS, per
+# FASTATTN_CYTHON_TILES through _set_tile_products. Each has its own tile shape (query rows BQ × keys BK), measured
+# on a 2-core AVX-512 machine, float32, B=1 H=12 d=64, N = 1024 and 4096 (_set_tiles tries others):
+#   micro  256×512: 1.08-1.20× the Numba backend's time; 192×384 1.0-1.09×, 128×256 0.88-1.05×, 64×512 0.78-0.95×
+#   blas   256×512: ~90 GFLOP/s per core against ~83 for 128×512 (OpenBLAS packs each K/V tile once per query tile:
+#                   taller query tiles pack less)
+#   loops  64×128
+cdef enum:
+    TILES_LOOPS = 0
+    TILES_BLAS = 1
+    TILES_MICRO = 2
+
+_TILE_NAMES = ("loops", "blas", "micro")
+cdef int _tiles_wanted = TILES_MICRO
+cdef Py_ssize_t _TILE_BQ[3]
+cdef Py_ssize_t _TILE_BK[3]
+_TILE_BQ[:] = [64, 256, 256]
+_TILE_BK[:] = [128, 512, 512]
+# BLAS: a call whose multiply-adds (B·Hq·L·S·(E+Ev)) are fewer than this uses the loops (measured: BLAS wins from
+# ~6e6, e.g. 12 heads of 64×64); the first call above it loads SciPy's BLAS (~0.03 s, see _blas.py).
 cdef double _BLAS_MIN_WORK = 1 << 22
 cdef Py_ssize_t _BLAS_MIN_ROWS = 8   # fewer queries (decoding one token): the loops beat a gemm of 1 row
-# Measured on a 2-core AVX-512 machine (float32, d=64): BLAS 256×512 tiles ~90 GF/s per core against ~83 for 128×512
-# (OpenBLAS packs each K/V tile once per query tile: taller query tiles pack less); loops 64×128.
-cdef Py_ssize_t _BLAS_BQ = 256, _BLAS_BK = 512
-cdef Py_ssize_t _LOOP_BQ = 64, _LOOP_BK = 128
 cdef Py_ssize_t _MIN_ITEMS = 8   # query tiles shrink (down to 32 rows) until there are this many work items
+
+
+cdef struct Plan:
+    int tiles            # TILES_*
+    Py_ssize_t BQ, BK    # query rows, keys per tile
+
+
+cdef Plan _plan(double work, Py_ssize_t rows, Py_ssize_t largest_dim, Py_ssize_t n_bh) except *:
+    """How one call multiplies its tiles, and their shape. BLAS (when asked for) falls back to the loops for a
+    small call or when SciPy's BLAS does not load; the query tile shrinks for a short call (_query_tile)."""
+    cdef Plan plan
+    plan.tiles = _tiles_wanted
+    if plan.tiles == TILES_BLAS and not _use_blas(work, rows, largest_dim):
+        plan.tiles = TILES_LOOPS
+    plan.BQ = _query_tile(_TILE_BQ[plan.tiles], n_bh, rows)
+    plan.BK = _TILE_BK[plan.tiles]
+    if plan.tiles == TILES_BLAS:
+        _blas_one_thread()
+    return plan
 
 
 cdef Py_ssize_t _query_tile(Py_ssize_t BQ, Py_ssize_t n_bh, Py_ssize_t L) noexcept:
@@ -108,12 +158,38 @@ def _set_blas_min_work(double work):
     return previous
 
 
-def _set_tiles(Py_ssize_t blas_bq, Py_ssize_t blas_bk, Py_ssize_t loop_bq, Py_ssize_t loop_bk):
-    """Set the tile sizes (query rows, keys) of the BLAS and loop paths; returns the previous ones. For tuning."""
-    global _BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK
-    previous = (_BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK)
-    _BLAS_BQ, _BLAS_BK, _LOOP_BQ, _LOOP_BK = blas_bq, blas_bk, loop_bq, loop_bk
+def _set_tiles(str tiles, Py_ssize_t bq, Py_ssize_t bk):
+    """Set the tile shape (query rows, keys) of one kind of tile product; returns the previous one. For tuning."""
+    cdef int t = _TILE_NAMES.index(tiles)
+    if bq < 1 or bk < 1:
+        raise ValueError(f"_set_tiles: tile sizes must be >= 1, got {bq}×{bk}")
+    previous = (_TILE_BQ[t], _TILE_BK[t])
+    _TILE_BQ[t], _TILE_BK[t] = bq, bk
     return previous
+
+
+def _set_tile_products(str tiles):
+    """Multiply tiles with "micro" (the register-blocked micro-kernel, default), "blas" (SciPy's BLAS, the loops
+    for small calls) or "loops" (the readable loops) from now on; returns the previous choice."""
+    global _tiles_wanted
+    if tiles not in _TILE_NAMES:
+        raise ValueError(f"tile products must be one of {', '.join(_TILE_NAMES)}, got {tiles!r}")
+    previous = _TILE_NAMES[_tiles_wanted]
+    _tiles_wanted = _TILE_NAMES.index(tiles)
+    return previous
+
+
+def tile_products():
+    """How the attention kernels multiply tiles: the choice, and what it runs on."""
+    name = _TILE_NAMES[_tiles_wanted]
+    if _tiles_wanted == TILES_MICRO:
+        if not FA_TILE_GEMM_VECTORS:
+            return "micro: plain C loops (this compiler has no vector extensions)"
+        return (f"micro: register-blocked micro-kernel, {FA_MR}×{FA_NV * FA_VEC_BYTES // 4} float32 / "
+                f"{FA_MR}×{FA_NV * FA_VEC_BYTES // 8} float64 blocks in {FA_VEC_BYTES}-byte vectors")
+    if _tiles_wanted == TILES_BLAS:
+        return f"blas: {_blas_status}"
+    return "loops: the plain loops"
 
 
 def blas_status():
@@ -151,10 +227,10 @@ cdef inline int _i(Py_ssize_t n) noexcept nogil:
 
 cdef void _gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, const floating* a, Py_ssize_t lda,
                    const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc, floating* bt,
-                   bint use_blas) noexcept nogil:
+                   int tiles) noexcept nogil:
     """c[i, j] = alpha · Σ_e a[i, e]·b[j, e] for i < m, j < n (C = alpha·A·Bᵀ).
 
-    bt: scratch for k·n entries of floating and then n doubles (loops only).
+    bt: scratch for k·(n + 32) entries of floating and then n doubles (micro-kernel and loops).
     """
     cdef char trans = b'T', notrans = b'N'
     cdef int im = <int>m, jn = <int>n, ek = <int>k, ilda = _i(lda), ildb = _i(ldb), ildc = _i(ldc)
@@ -164,18 +240,31 @@ cdef void _gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, con
     cdef floating* crow
     cdef const floating* btrow
     cdef double* acc
-    if use_blas:
+    if tiles == TILES_BLAS:
         if floating is float:
             _sgemm(&trans, &notrans, &jn, &im, &ek, &alpha, <float*>b, &ildb, <float*>a, &ilda, &zero, c, &ildc)
         else:
             _dgemm(&trans, &notrans, &jn, &im, &ek, &alpha, <double*>b, &ildb, <double*>a, &ilda, &zero, c, &ildc)
         return
-    # loops: transpose B once so that the innermost loop runs along contiguous rows (vectorises, no reduction);
-    # the dot products (E terms) are summed in double, then scaled: as accurate as a pairwise float32 sum
-    acc = <double*>((<size_t>(bt + k * n) + 7) & ~(<size_t>7))   # n doubles after the transposed B
+    cdef Py_ssize_t ldt = n, line = 64 // sizeof(floating)   # items per cache line
+    if tiles == TILES_MICRO:
+        # bt = Bᵀ (k×n) with rows ldt apart, ldt an odd number of cache lines: the micro-kernel walks down the k
+        # rows of a panel, and rows a power of two of bytes apart (n = 512 floats: 2 KiB) would all fall into a few
+        # sets of the L1 cache and evict each other (measured: 192×512 tiles at half the speed of 192×384).
+        ldt = (n + line - 1) // line
+        ldt = (ldt + 1 - ldt % 2) * line
+        for j in range(n):
+            for e in range(k):
+                bt[e * ldt + j] = b[j * ldb + e]
+        _micro_gemm(m, n, k, alpha, a, lda, 1, bt, ldt, c, ldc)
+        return
+    # transpose B once (bt = Bᵀ, k×n), so that the product runs along contiguous rows of bt
     for j in range(n):
         for e in range(k):
             bt[e * n + j] = b[j * ldb + e]
+    # loops: the innermost loop runs along a row of bt (vectorises, no reduction); the dot products (E terms) are
+    # summed in double, then scaled: as accurate as a pairwise float32 sum
+    acc = <double*>((<size_t>(bt + k * n) + 7) & ~(<size_t>7))   # n doubles after the transposed B
     for i in range(m):
         crow = c + i * ldc
         for j in range(n):
@@ -191,7 +280,7 @@ cdef void _gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, con
 
 cdef void _gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
                    const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc, double* acc,
-                   bint use_blas) noexcept nogil:
+                   int tiles) noexcept nogil:
     """c[i, j] = Σ_e a[i, e]·b[e, j] for i < m, j < n (C = A·B).
 
     acc: scratch for n doubles (loops only). The loops sum in double: groups of 4 terms in the dtype, then added
@@ -209,7 +298,10 @@ cdef void _gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, 
     cdef const floating* b1
     cdef const floating* b2
     cdef const floating* b3
-    if use_blas:
+    if tiles == TILES_MICRO:
+        _micro_gemm(m, n, k, 1, a, lda, 1, b, ldb, c, ldc)
+        return
+    if tiles == TILES_BLAS:
         if floating is float:
             _sgemm(&notrans, &notrans, &jn, &im, &ek, &one, <float*>b, &ildb, <float*>a, &ilda, &zero, c, &ildc)
         else:
@@ -313,9 +405,9 @@ def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const flo
     cdef Py_ssize_t group = Hq // Hkv
     cdef Masks mk
     _masks_from(&mk, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
-    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * E, L, max(L, S, E))
-    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
-    cdef Py_ssize_t BK = _BLAS_BK if use_blas else _LOOP_BK
+    cdef Plan plan = _plan(<double>B * Hq * L * S * E, L, max(L, S, E), B * Hq)
+    cdef int tiles = plan.tiles
+    cdef Py_ssize_t BQ = plan.BQ, BK = plan.BK
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ
     cdef floating alpha = <floating>scale
     cdef const floating* qp = &q[0, 0, 0, 0]
@@ -326,13 +418,11 @@ def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const flo
     cdef floating* bt = NULL
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
-    if use_blas:
-        _blas_one_thread()
     with nogil, parallel(num_threads=_n_threads):
-        if not use_blas:
-            bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64)
+        if tiles != TILES_BLAS:
+            bt = <floating*>malloc(E * (BK + 32) * sizeof(floating) + BK * sizeof(double) + 64)
         for w in prange(B * Hq * n_qt, schedule="dynamic"):
-            if bt == NULL and not use_blas:
+            if bt == NULL and tiles != TILES_BLAS:
                 failed_flag[0] = 1
                 continue
             b = w // (Hq * n_qt)
@@ -345,7 +435,7 @@ def scores(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const flo
                 nk = min(BK, end - j0)
                 _gemm_nt(nq, nk, E, alpha, qp + ((b * Hq + h) * L + i0) * E, E,
                          kp + (b * Hkv + h // group) * S * E + j0 * E, E,
-                         op + ((b * Hq + h) * L + i0) * S + j0, S, bt, use_blas)
+                         op + ((b * Hq + h) * L + i0) * S + j0, S, bt, tiles)
             for r in range(nq):                     # masks; the keys past `end` are hidden
                 srow = op + ((b * Hq + h) * L + i0 + r) * S
                 _mask_row(srow, end, b, h, i0 + r, 0, &mk)
@@ -384,19 +474,21 @@ def softmax(floating[:, ::1] out, const floating[:, ::1] s):
 def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, const floating[:, :, :, ::1] v):
     """out[b, h] = p[b, h] @ v[b, h // g] (L×S times S×Ev), each output summed in double.
 
-    Loops: double sums. BLAS, float32: sgemm on chunks of _BLAS_BK keys, the chunks added up in double (a long
-    float32 sum would let one heavy weight swallow many light ones); float64: one dgemm per tile.
+    Loops: double sums. Micro-kernel or BLAS, float32: products on chunks of BK keys (the plan's), the chunks added
+    up in double (a long float32 sum would let one heavy weight swallow many light ones); float64: one product per
+    query tile.
     """
     cdef Py_ssize_t B = p.shape[0], Hq = p.shape[1], L = p.shape[2], S = p.shape[3]
     cdef Py_ssize_t Hkv = v.shape[1], Ev = v.shape[3]
     if B * Hq * L * Ev == 0:
         return
     cdef Py_ssize_t group = Hq // Hkv
-    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * Ev, L, max(L, S, Ev))
-    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
+    cdef Plan plan = _plan(<double>B * Hq * L * S * Ev, L, max(L, S, Ev), B * Hq)
+    cdef int tiles = plan.tiles
+    cdef Py_ssize_t BQ = plan.BQ
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ
-    cdef bint chunked = use_blas and floating is float and S > _BLAS_BK
-    cdef Py_ssize_t chunk = _BLAS_BK if chunked else max(S, 1)
+    cdef bint chunked = tiles != TILES_LOOPS and floating is float and S > plan.BK
+    cdef Py_ssize_t chunk = plan.BK if chunked else max(S, 1)
     cdef const floating* pp = &p[0, 0, 0, 0]
     cdef const floating* vp = &v[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
@@ -408,10 +500,8 @@ def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, con
     cdef double* acc = NULL
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
-    if use_blas:
-        _blas_one_thread()
     with nogil, parallel(num_threads=_n_threads):
-        # per thread: loops, Ev doubles (row sums); chunked BLAS, a float32 product tile and its double sum
+        # per thread: loops, Ev doubles (row sums); chunked products, a float32 product tile and its double sum
         acc = <double*>malloc((BQ * Ev if chunked else Ev) * sizeof(double))
         tile = <floating*>malloc(BQ * Ev * sizeof(floating)) if chunked else NULL
         for w in prange(B * Hq * n_qt, schedule="dynamic"):
@@ -426,14 +516,14 @@ def weighted_sum(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] p, con
             vh = vp + (b * Hkv + h // group) * S * Ev
             orow = op + ((b * Hq + h) * L + i0) * Ev
             if not chunked:
-                _gemm_nn(nq, Ev, S, prow, S, vh, Ev, orow, Ev, acc, use_blas)
+                _gemm_nn(nq, Ev, S, prow, S, vh, Ev, orow, Ev, acc, tiles)
                 continue
             for x in range(nq * Ev):
                 acc[x] = 0
             for jc in range((S + chunk - 1) // chunk):
                 j0 = jc * chunk
                 nk = min(chunk, S - j0)
-                _gemm_nn(nq, Ev, nk, prow + j0, S, vh + j0 * Ev, Ev, tile, Ev, NULL, True)
+                _gemm_nn(nq, Ev, nk, prow + j0, S, vh + j0 * Ev, Ev, tile, Ev, NULL, tiles)
                 for x in range(nq * Ev):
                     acc[x] = acc[x] + tile[x]
             for x in range(nq * Ev):
@@ -539,7 +629,7 @@ cdef void _fold_pv_loops(double* acc, const floating* p, Py_ssize_t nq, Py_ssize
 cdef void _attend_block(double* acc, floating* pv, const floating* q, const floating* k, const floating* v,
                         Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk,
                         Py_ssize_t E, Py_ssize_t Ev, floating scale, double up, const Masks* mk,
-                        const Tile* t, Py_ssize_t r0, bint use_blas) noexcept nogil:
+                        const Tile* t, Py_ssize_t r0, int tiles) noexcept nogil:
     """One block of the online softmax: queries i0..i0+nq-1 (rows q, acc, pv; rows r0.. of t.m, t.l, ...) against
     keys j0..j0+nk-1. pv (nq×Ev, BLAS only) receives the tile product P·V: the caller passes the output rows.
 
@@ -562,7 +652,7 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
     cdef double* keep = t.keep + r0
     cdef double* add = t.add + r0
     # 1. scores: s[r, c] = scale·⟨q[r], k[j0 + c]⟩ + masks
-    _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, s, nk, <floating*>t.bt, use_blas)
+    _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, s, nk, <floating*>t.bt, tiles)
     # 2. online softmax: s[r] becomes exp(s - ref); m, l and the two factors of step 3 follow
     for r in range(nq):
         srow = s + r * nk
@@ -592,10 +682,10 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
             for c in range(nk):
                 srow[c] = srow[c] * down
     # 3. weighted sum of this tile folded into the running average (rows with l = 0 saw no key: acc stays 0)
-    if not use_blas:
+    if tiles == TILES_LOOPS:
         _fold_pv_loops(acc, s, nq, nk, v + j0 * Ev, Ev, keep, add, l)
         return
-    _gemm_nn(nq, Ev, nk, s, nk, v + j0 * Ev, Ev, pv, Ev, NULL, True)
+    _gemm_nn(nq, Ev, nk, s, nk, v + j0 * Ev, Ev, pv, Ev, NULL, tiles)
     for r in range(nq):
         if l[r] != 0.0:
             kr = keep[r]
@@ -610,7 +700,7 @@ cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, 
                              Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t S,
                              Py_ssize_t E, Py_ssize_t Ev, Py_ssize_t BQ, Py_ssize_t BK, floating scale,
                              double v_big, double up_big, const Masks* mk, floating* fbuf, double* dbuf,
-                             floating* bt, bint use_blas) noexcept nogil:
+                             floating* bt, int tiles) noexcept nogil:
     """o[0:nq] = softmax(scale·q kᵀ + masks) v for queries i0..i0+nq-1 of head (b, h), key tile by key tile.
 
     q: nq×E rows of this head; k: S×E, v: S×Ev of its key/value head; o: nq×Ev rows of out. The output rows are
@@ -641,10 +731,10 @@ cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, 
     for jt in range((end + BK - 1) // BK):
         j0 = jt * BK
         nk = min(BK, end - j0)
-        if use_blas:
+        if tiles != TILES_LOOPS:
             up = up_big if _abs_max(v + j0 * Ev, nk * Ev) > v_big else 1.0
         if not mk.causal or j0 + nk - 1 <= i0 + mk.causal_offset:     # every row sees the whole tile
-            _attend_block(t.acc, o, q, k, v, b, h, i0, nq, j0, nk, E, Ev, scale, up, mk, &t, 0, use_blas)
+            _attend_block(t.acc, o, q, k, v, b, h, i0, nq, j0, nk, E, Ev, scale, up, mk, &t, 0, tiles)
             continue
         for g in range((nq + _DIAG_ROWS - 1) // _DIAG_ROWS):
             r0 = g * _DIAG_ROWS
@@ -652,7 +742,7 @@ cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, 
             nk_g = min(nk, i0 + r0 + ng + mk.causal_offset - j0)       # keys up to the group's last row
             if nk_g > 0:                 # rows that see no key of this tile see none later either
                 _attend_block(t.acc + r0 * Ev, o + r0 * Ev, q + r0 * E, k, v, b, h, i0 + r0, ng, j0, nk_g,
-                              E, Ev, scale, up, mk, &t, r0, use_blas)
+                              E, Ev, scale, up, mk, &t, r0, tiles)
     # the averages are the outputs; a row that saw no key is still zeros, a NaN row is NaN
     for r in range(nq):
         orow = o + r * Ev
@@ -672,9 +762,9 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     cdef Py_ssize_t group = Hq // Hkv
     cdef Masks mk
     _masks_from(&mk, causal, causal_offset, mask, has_mask, key_bias, has_key_bias)
-    cdef bint use_blas = _use_blas(<double>B * Hq * L * S * (E + Ev), L, max(L, S, E, Ev))
-    cdef Py_ssize_t BQ = _query_tile(_BLAS_BQ if use_blas else _LOOP_BQ, B * Hq, L)
-    cdef Py_ssize_t BK = _BLAS_BK if use_blas else _LOOP_BK
+    cdef Plan plan = _plan(<double>B * Hq * L * S * (E + Ev), L, max(L, S, E, Ev), B * Hq)
+    cdef int tiles = plan.tiles
+    cdef Py_ssize_t BQ = plan.BQ, BK = plan.BK
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ, n_bh = B * Hq
     # Huge values (BLAS): a key tile's gemm P·V sums up to BK terms p·v with p <= 1; with |V| <= v_big it stays
     # below half the largest float. Above, P is divided by up_big = 2^k >= 2·BK first, see _attend_block.
@@ -694,17 +784,15 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     cdef floating* bt = NULL
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
-    if use_blas:
-        _blas_one_thread()
     with nogil, parallel(num_threads=_n_threads):
         # per-thread scratch, see Tile: floating s; double acc, m, l, keep, add; bt (loops only)
         fbuf = <floating*>malloc(BQ * BK * sizeof(floating) + 64)
         dbuf = <double*>malloc((BQ * Ev + 4 * BQ) * sizeof(double))
-        bt = <floating*>malloc(E * BK * sizeof(floating) + BK * sizeof(double) + 64) if not use_blas else NULL
+        bt = <floating*>malloc(E * (BK + 32) * sizeof(floating) + BK * sizeof(double) + 64) if tiles != TILES_BLAS else NULL
         # Work items: (query tile, head). Largest query tiles first, so that under causal masking the
         # dynamic schedule ends with the cheap tiles and the threads finish together.
         for w in prange(n_bh * n_qt, schedule="dynamic"):
-            if fbuf == NULL or dbuf == NULL or (bt == NULL and not use_blas):
+            if fbuf == NULL or dbuf == NULL or (bt == NULL and tiles != TILES_BLAS):
                 failed_flag[0] = 1
                 continue
             bh = w % n_bh
@@ -715,7 +803,7 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
             _attend_query_tile(op + (bh * L + i0) * Ev, qp + (bh * L + i0) * E,
                                kp + (b * Hkv + h // group) * S * E, vp + (b * Hkv + h // group) * S * Ev,
                                b, h, i0, nq, S, E, Ev, BQ, BK, alpha_scale, v_big, up_big, &mk,
-                               fbuf, dbuf, bt, use_blas)
+                               fbuf, dbuf, bt, tiles)
         free(fbuf)
         free(dbuf)
         free(bt)

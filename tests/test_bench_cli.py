@@ -348,7 +348,7 @@ def test_a_saved_run_groups_backends_by_shape_and_carries_rates(tmp_path):
     path = tmp_path / "bench.json"
     _pytest_bench(
         "-k",
-        "float32 and causal",
+        "test_attention and float32 and causal",
         "--benchmark-enable",
         "--benchmark-max-time=0.002",
         "--benchmark-min-rounds=2",

@@ -6,16 +6,21 @@ Contract: kernels/README.md. Arrays are C-contiguous except `mask` (B, Hq, L, S)
 may be read-only broadcast views (zero strides): they are read through their strides, and never when
 has_mask / has_key_bias is False.
 
-Tile products. `_gemm_nt` (scores = Q·Kᵀ) and `_gemm_nn` (P·V) either call BLAS (sgemm/dgemm taken from
-scipy.linalg.cython_blas at run time, single-threaded inside the OpenMP region, see _blas.py) or run the plain
-loops below them. BLAS is used when the call is large enough (_BLAS_MIN_WORK) and SciPy is there; the loops
-are the readable reference and the fallback. Both give the same results up to rounding. Loading BLAS sets SciPy's
-OpenBLAS to one thread for the whole process (_blas_one_thread, _blas.py).
+Tile products. `_gemm_nt` (scores = Q·Kᵀ) and `_gemm_nn` (P·V) run one of three ways (TILES_*, chosen per
+process: FASTATTN_CYTHON_TILES, _set_tile_products; tile_products() reports it):
+  micro (default)  the register-blocked micro-kernel of _tile_gemm.h: C with vector extensions, 6×64 float32 blocks
+                   in AVX-512 registers in the avx512 build (6×16 with AVX2, 6×8 with SSE2). Kᵀ is packed once per
+                   key tile, with rows an odd number of cache lines apart. ~360 GFLOP/s on 2 AVX-512 cores at N=4096.
+  blas             sgemm/dgemm taken from scipy.linalg.cython_blas at run time, single-threaded inside the OpenMP
+                   region (see _blas.py); the loops serve calls too small for it (_BLAS_MIN_WORK) or when SciPy is
+                   missing. Loading it sets SciPy's OpenBLAS to one thread for the whole process. ~195 GFLOP/s.
+  loops            the plain loops below, the readable reference. ~60 GFLOP/s.
+All three give the same results up to rounding (the tests run each against the oracle).
 
-Wide accumulation. float32 products stay float32 (sgemm; in the loops, groups of 4 products summed in float32),
-but every long sum is kept in double: softmax row sums (exp_shift_sum), the fused kernel's running row sums and
-output rows (one float32 tile product per key tile, added into a double running weighted average, which also keeps
-huge values in V from overflowing), and weighted_sum (with BLAS, sgemm on chunks of _BLAS_BK keys added up in
+Wide accumulation. float32 products stay float32 (micro-kernel and sgemm; in the loops, groups of 4 products summed
+in float32), but every long sum is kept in double: softmax row sums (exp_shift_sum), the fused kernel's running row
+sums and output rows (one float32 tile product per key tile, added into a double running weighted average, which
+also keeps huge values in V from overflowing), and weighted_sum (float32 products on chunks of BK keys added up in
 double). One heavy weight must not swallow many light ones.
 """
 
@@ -74,7 +79,7 @@ _blas_status = "not loaded yet (BLAS is loaded on the first call large enough to
 # Tile products (see the module docstring): TILES_MICRO (the default), TILES_BLAS or TILES_LOOPS, per
 # FASTATTN_CYTHON_TILES through _set_tile_products. Each has its own tile shape (query rows BQ × keys BK), measured
 # on a 2-core AVX-512 machine, float32, B=1 H=12 d=64, N = 1024 and 4096 (_set_tiles tries others):
-#   micro  256×512: 1.08-1.20× the Numba backend's time; 192×384 1.0-1.09×, 128×256 0.88-1.05×, 64×512 0.78-0.95×
+#   micro  256×512: 1.08-1.20× the Numba backend's speed (192×384: 1.0-1.09×, 128×256: 0.88-1.05×)
 #   blas   256×512: ~90 GFLOP/s per core against ~83 for 128×512 (OpenBLAS packs each K/V tile once per query tile:
 #                   taller query tiles pack less)
 #   loops  64×128
@@ -571,7 +576,7 @@ cdef inline double _abs_max(const floating* x, Py_ssize_t n) noexcept nogil:
 cdef struct Tile:
     # per-thread scratch of the fused kernel, for one query tile (nq <= BQ rows); the void* hold `floating`
     void* s               # BQ×BK scores, then probabilities
-    void* bt              # loops only: E×BK (transposed K tile) and BK doubles
+    void* bt              # micro-kernel and loops: E×(BK + 32) (transposed K tile) and BK doubles
     double* acc           # BQ×Ev: the output rows, a running weighted average
     double* m             # BQ: running row max
     double* l             # BQ: running row sum
@@ -631,14 +636,16 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
                         Py_ssize_t E, Py_ssize_t Ev, floating scale, double up, const Masks* mk,
                         const Tile* t, Py_ssize_t r0, int tiles) noexcept nogil:
     """One block of the online softmax: queries i0..i0+nq-1 (rows q, acc, pv; rows r0.. of t.m, t.l, ...) against
-    keys j0..j0+nk-1. pv (nq×Ev, BLAS only) receives the tile product P·V: the caller passes the output rows.
+    keys j0..j0+nk-1. pv (nq×Ev; micro-kernel and BLAS) receives the tile product P·V: the caller passes the output
+    rows.
 
     m, l: running max and sum of each row; acc: its output so far, kept as a weighted average (already divided by
     l), so that it never grows past the largest |V|:  acc = acc·(alpha·l_old / l_new) + (P·V)·(1 / l_new),
-    alpha = exp(m_old - m_new). With BLAS, P·V is one float32 (or float64) gemm per tile, added into the double
-    acc; the loops fold P·V into acc themselves (_fold_pv_loops).
-    up > 1 (BLAS, a tile of huge V, up = 2^k >= 2·nk): P is divided by up before the gemm (exactly: a power of two),
-    so that its P·V, at most nk·max|V| / up, cannot overflow; the factor up / l_new puts it back.
+    alpha = exp(m_old - m_new). Micro-kernel and BLAS: P·V is one float32 (or float64) product per tile, added into
+    the double acc; the loops fold P·V into acc themselves (_fold_pv_loops).
+    up > 1 (micro-kernel and BLAS, a tile of huge V, up = 2^k >= 2·nk): P is divided by up before the product
+    (exactly: a power of two), so that its P·V, at most nk·max|V| / up, cannot overflow; the factor up / l_new puts
+    it back.
     """
     cdef Py_ssize_t r, c
     cdef double m_new, m_old, tile_max, ref, alpha, l_old, l_new, kr, ar
@@ -704,12 +711,13 @@ cdef void _attend_query_tile(floating* o, const floating* q, const floating* k, 
     """o[0:nq] = softmax(scale·q kᵀ + masks) v for queries i0..i0+nq-1 of head (b, h), key tile by key tile.
 
     q: nq×E rows of this head; k: S×E, v: S×Ev of its key/value head; o: nq×Ev rows of out. The output rows are
-    accumulated in double (Tile.acc) and written once at the end; until then o holds each key tile's P·V (BLAS).
-    Per-thread scratch (see Tile): fbuf (BQ·BK floating), dbuf (BQ·Ev + 4·BQ doubles), bt (loops only: E×BK
-    floating and BK doubles).
+    accumulated in double (Tile.acc) and written once at the end; until then o holds each key tile's P·V
+    (micro-kernel, BLAS). Per-thread scratch (see Tile): fbuf (BQ·BK floating), dbuf (BQ·Ev + 4·BQ doubles), bt
+    (micro-kernel and loops: E×(BK + 32) floating and BK doubles).
     Causal: key tiles past the last visible key are skipped; a tile that crosses the diagonal is split into
     groups of _DIAG_ROWS rows, each computing only the keys its last row sees.
-    Huge values (BLAS): a key tile whose max |V| exceeds v_big has its P scaled down by up_big (see _attend_block).
+    Huge values (micro-kernel, BLAS): a key tile whose max |V| exceeds v_big has its P scaled down by up_big
+    (see _attend_block).
     """
     cdef Py_ssize_t end = _visible_end(i0 + nq - 1, S, mk)
     cdef Py_ssize_t jt, j0, nk, r, c, g, r0, ng, nk_g
@@ -766,8 +774,9 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     cdef int tiles = plan.tiles
     cdef Py_ssize_t BQ = plan.BQ, BK = plan.BK
     cdef Py_ssize_t n_qt = (L + BQ - 1) // BQ, n_bh = B * Hq
-    # Huge values (BLAS): a key tile's gemm P·V sums up to BK terms p·v with p <= 1; with |V| <= v_big it stays
-    # below half the largest float. Above, P is divided by up_big = 2^k >= 2·BK first, see _attend_block.
+    # Huge values (micro-kernel, BLAS): a key tile's product P·V sums up to BK terms p·v with p <= 1; with
+    # |V| <= v_big it stays below half the largest float. Above, P is divided by up_big = 2^k >= 2·BK first (see
+    # _attend_block).
     # (The loops need neither: they fold P·V with weights p / l, which sum to at most 1.)
     cdef double up_big = 2.0
     while up_big < 2 * BK:
@@ -785,10 +794,12 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     cdef int failed = 0
     cdef int* failed_flag = &failed             # shared: written through the pointer
     with nogil, parallel(num_threads=_n_threads):
-        # per-thread scratch, see Tile: floating s; double acc, m, l, keep, add; bt (loops only)
+        # per-thread scratch, see Tile: floating s; double acc, m, l, keep, add; bt (Kᵀ tile: not with BLAS)
         fbuf = <floating*>malloc(BQ * BK * sizeof(floating) + 64)
         dbuf = <double*>malloc((BQ * Ev + 4 * BQ) * sizeof(double))
-        bt = <floating*>malloc(E * (BK + 32) * sizeof(floating) + BK * sizeof(double) + 64) if tiles != TILES_BLAS else NULL
+        bt = NULL
+        if tiles != TILES_BLAS:
+            bt = <floating*>malloc(E * (BK + 32) * sizeof(floating) + BK * sizeof(double) + 64)
         # Work items: (query tile, head). Largest query tiles first, so that under causal masking the
         # dynamic schedule ends with the cheap tiles and the threads finish together.
         for w in prange(n_bh * n_qt, schedule="dynamic"):

@@ -7,8 +7,8 @@ that reason. ``UNAVAILABLE_REASON is None`` means the backend works.
 Threads: ``set_num_threads(n)`` sets the threads of every parallel loop of this backend; the default is OpenMP's
 (``OMP_NUM_THREADS``, else all cores).
 
-Builds: ``_attention`` also exists as ``_attention_avx2`` and ``_attention_avx512`` on x86-64 (see setup.py); the
-widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
+Builds: each extension (``_attention``, ``_embedding``, ``_blocks``) also exists as ``<name>_avx2`` and
+``<name>_avx512`` on x86-64 (see setup.py); the widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
 choice (for tests and comparisons).
 
 Tile products: the attention kernels multiply their tiles (Q·Kᵀ, P·V) with a register-blocked micro-kernel in C
@@ -52,7 +52,7 @@ def _widest_build(name: str):
 
 try:
     _attention, _isa = _widest_build("_attention")
-    from . import _embedding
+    _embedding, _ = _widest_build("_embedding")
 except ImportError as _exc:
     _here = os.path.dirname(os.path.abspath(__file__))
     _built = [

@@ -50,17 +50,10 @@ cdef inline void _micro_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating 
     else:
         fa_tile_gemm_d(m, n, k, alpha, a, a_rs, a_cs, b, ldb, c, ldc)
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# Threads and BLAS
+# BLAS (the tile products of TILES_BLAS)
 # ---------------------------------------------------------------------------------------------------------------
-
-cdef int _n_threads = fa_omp_max_threads()
-
-
-def _set_num_threads(int n):
-    global _n_threads
-    _n_threads = n
-
 
 ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a, int *lda,
                          float *b, int *ldb, float *beta, float *c, int *ldc) noexcept nogil
@@ -821,16 +814,3 @@ def attention(floating[:, :, :, ::1] out, const floating[:, :, :, ::1] q, const 
     if failed:
         raise MemoryError("attention: no memory for the per-thread tile buffers")
 
-
-def cpu_supports(str isa):
-    """Whether this CPU runs the `isa` build ("avx2": AVX2+FMA, "avx512": AVX-512 F/DQ/BW/VL)."""
-    return bool(fa_cpu_supports({"avx2": 1, "avx512": 2}.get(isa, 0)))
-
-
-def openmp_enabled():
-    """True when this extension was compiled with OpenMP (else its kernels run on one thread)."""
-    return bool(FA_OPENMP_ENABLED)
-
-
-def get_num_threads():
-    return _n_threads if FA_OPENMP_ENABLED else 1

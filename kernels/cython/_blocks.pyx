@@ -25,27 +25,6 @@ from libc.stdlib cimport calloc, free
 
 include "_common.pxi"
 
-cdef int _n_threads = fa_omp_max_threads()
-
-
-def _set_num_threads(int n):
-    global _n_threads
-    _n_threads = n
-
-
-def get_num_threads():
-    return _n_threads
-
-
-def openmp_enabled():
-    return bool(FA_OPENMP_ENABLED)
-
-
-def cpu_supports(str isa):
-    """Whether this CPU runs the `isa` build ("avx2": AVX2+FMA, "avx512": AVX-512 F/DQ/BW/VL)."""
-    return bool(fa_cpu_supports({"avx2": 1, "avx512": 2}.get(isa, 0)))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Scalar helpers
 # ----------------------------------------------------------------------------------------------------------------

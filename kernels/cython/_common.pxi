@@ -46,6 +46,31 @@ cdef extern from *:
     int fa_cpu_supports(int isa) noexcept nogil
 
 
+# What every extension exports about itself: its thread count (fastattn.set_num_threads reaches each loaded
+# extension through _set_num_threads), whether it was built with OpenMP, and whether this CPU runs an ISA build.
+cdef int _n_threads = fa_omp_max_threads()
+
+
+def _set_num_threads(int n):
+    global _n_threads
+    _n_threads = n
+
+
+def get_num_threads():
+    """Threads of this extension's parallel loops (1 when it was built without OpenMP)."""
+    return _n_threads if FA_OPENMP_ENABLED else 1
+
+
+def openmp_enabled():
+    """True when this extension was compiled with OpenMP (else its kernels run on one thread)."""
+    return bool(FA_OPENMP_ENABLED)
+
+
+def cpu_supports(str isa):
+    """Whether this CPU runs the `isa` build ("avx2": AVX2+FMA, "avx512": AVX-512 F/DQ/BW/VL)."""
+    return bool(fa_cpu_supports({"avx2": 1, "avx512": 2}.get(isa, 0)))
+
+
 ctypedef fused floating:
     float
     double

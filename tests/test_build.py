@@ -84,3 +84,58 @@ def test_numba_kernels_compile_lazily():
     kernels, done = map(int, before.split())
     assert kernels > 5 and done == 0
     assert int(after.split()[1]) >= 1
+
+
+# ------------------------------------------------------------------------------------------------ the micro-kernel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_isa_flags() -> dict:
+    """setup.py's ISA_FLAGS (read from its source: importing setup.py would run the build)."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ISA_FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no ISA_FLAGS")
+
+
+def _c_compiler():
+    import shutil
+    import sysconfig
+
+    for cc in ((sysconfig.get_config_var("CC") or "").split()[:1] or []) + ["cc", "gcc", "clang"]:
+        if shutil.which(cc):
+            return cc
+    return None
+
+
+@pytest.mark.parametrize("build", ["plain", "baseline", "avx2", "avx512"])
+def test_tile_gemm_micro_kernel_in_c(build, tmp_path):
+    """kernels/cython/_tile_gemm.h on its own (tests/c/test_tile_gemm.c): every ragged edge, strided operands, both
+    types, against a double reference; compiled as each build compiles it, and with the plain-loop fallback."""
+    import platform
+
+    cc = _c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = {"plain": ["-DFA_TILE_GEMM_PLAIN"], "baseline": []}.get(build)
+    if flags is None:
+        from fastattn.kernels import cython
+
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip("ISA builds exist on x86-64 only")
+        if cython.UNAVAILABLE_REASON is not None or not cython._attention.cpu_supports(build):
+            pytest.skip(f"this CPU does not run the {build} build (or the Cython backend is not built)")
+        flags = _setup_isa_flags()[build]
+    exe = tmp_path / "test_tile_gemm"
+    src = os.path.join(ROOT, "tests", "c", "test_tile_gemm.c")
+    include = os.path.join(ROOT, "kernels", "cython")
+    cmd = [cc, "-O3", "-ffp-contract=fast", *flags, f"-I{include}", src, "-o", str(exe), "-lm"]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok "), out.stdout + out.stderr
+    assert ("vectors=0" in out.stdout) == (build == "plain")

@@ -8,8 +8,8 @@ Threads: ``set_num_threads(n)`` sets the threads of every parallel loop of this 
 (``OMP_NUM_THREADS``, else all cores).
 
 Builds: each extension (``_attention``, ``_embedding``, ``_blocks``) also exists as ``<name>_avx2`` and
-``<name>_avx512`` on x86-64 (see setup.py); the widest one this CPU runs is used, ``isa()`` says which. ``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the
-choice (for tests and comparisons).
+``<name>_avx512`` on x86-64 (see setup.py); the widest one this CPU runs is used, ``isa()`` says which.
+``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the choice (for tests and comparisons).
 
 Tile products: the attention kernels multiply their tiles (Q·Kᵀ, P·V) with a register-blocked micro-kernel in C
 (``_tile_gemm.h``, the default), with SciPy's BLAS, or with plain loops (the readable reference).

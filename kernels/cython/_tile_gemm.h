@@ -26,7 +26,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FA_TILE_GEMM_PLAIN) /* FA_TILE_GEMM_PLAIN: for tests */
 
 #define FA_TILE_GEMM_VECTORS 1
 #if defined(__AVX512F__)
@@ -63,7 +63,7 @@ typedef double fa_vec_d __attribute__((vector_size(FA_VEC_BYTES)));
 #undef FA_V
 #undef FA_NAME
 
-#else /* no vector extensions: plain loops */
+#else /* no vector extensions (or FA_TILE_GEMM_PLAIN): plain loops */
 
 #define FA_TILE_GEMM_VECTORS 0
 #define FA_VEC_BYTES 0

@@ -65,6 +65,24 @@ def test_automatic_choice_without_numba_does_not_import_it():
     assert run_python(code) == "cython True"
 
 
+@needs_build
+def test_cython_thread_count_reaches_every_extension_whenever_loaded():
+    """set_num_threads reaches the extensions in use, also one loaded afterwards (the block kernels load on first
+    use), and leaves alone the builds that are not in use."""
+    code = (
+        "from fastattn.kernels import cython\n"
+        "cython.set_num_threads(1)\n"
+        "from fastattn.kernels.cython import blocks\n"
+        "print(cython._attention.get_num_threads(), cython._embedding.get_num_threads(), "
+        "blocks._blocks.get_num_threads(), len(cython._loaded))\n"
+        "cython.set_num_threads(2)\n"
+        "print(cython._attention.get_num_threads(), blocks._blocks.get_num_threads())"
+    )
+    first, second = run_python(code).splitlines()
+    assert first == "1 1 1 3"
+    assert second == "2 2"
+
+
 def test_numba_kernels_compile_lazily():
     """Loading the Numba backend compiles nothing; the first call compiles (or loads from cache) what it needs."""
     code = (

@@ -26,7 +26,6 @@ import importlib
 import importlib.machinery
 import operator
 import os
-import sys
 
 KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
 _EXTENSIONS = ("_attention", "_embedding")
@@ -36,18 +35,28 @@ UNAVAILABLE_REASON: str | None = None
 _isa = "baseline"
 
 
+_loaded: list = []  # the extension modules in use (one build of each), which set_num_threads reaches
+_threads: int | None = None  # the count set_num_threads set last (None: OpenMP's default)
+
+
 def _widest_build(name: str):
-    """The module `name`, or its widest ISA build that this CPU runs and FASTATTN_CYTHON_ISA allows."""
+    """The module `name`, or its widest ISA build that this CPU runs and FASTATTN_CYTHON_ISA allows; it runs on the
+    thread count set_num_threads set last."""
     base = importlib.import_module(f"{__name__}.{name}")
+    module, isa = base, "baseline"
     cap = os.environ.get("FASTATTN_CYTHON_ISA", "").strip().lower() or _ISA_ORDER[0]
     allowed = _ISA_ORDER[_ISA_ORDER.index(cap) :] if cap in _ISA_ORDER else ()
-    for isa in allowed:
-        if base.cpu_supports(isa):
+    for wanted in allowed:
+        if base.cpu_supports(wanted):
             try:
-                return importlib.import_module(f"{__name__}.{name}_{isa}"), isa
+                module, isa = importlib.import_module(f"{__name__}.{name}_{wanted}"), wanted
+                break
             except ImportError:  # that variant was not built here
                 continue
-    return base, "baseline"
+    if _threads is not None:
+        module._set_num_threads(_threads)
+    _loaded.append(module)
+    return module, isa
 
 
 try:
@@ -119,15 +128,13 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads (>= 1) in every kernel of this backend from now on (no effect without OpenMP)."""
+    global _threads
     try:
         count = operator.index(n)
     except TypeError:
         count = 0
     if isinstance(n, bool) or count < 1:
         raise ValueError(f"set_num_threads needs an int >= 1, got: {n!r}")
-    if UNAVAILABLE_REASON is None:
-        # every extension of this package loaded so far (other .pyx files, e.g. _blocks, included)
-        prefix = __name__ + "."
-        for name, module in list(sys.modules.items()):
-            if name.startswith(prefix) and hasattr(module, "_set_num_threads"):
-                module._set_num_threads(count)
+    _threads = count
+    for module in _loaded:  # a call per extension: cheap enough to run around every small call (models' decoding)
+        module._set_num_threads(count)

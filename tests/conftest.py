@@ -21,10 +21,20 @@ BACKENDS = fastattn.available_backends()
 COMPILED = [b for b in BACKENDS if b != "numpy"]
 
 
-# The Cython backend multiplies its attention tiles one of three ways (kernels/cython/_attention.pyx): with its
-# micro-kernel (the default: plain "cython"), SciPy's BLAS or its plain loops. The oracle suites (test_backends,
-# test_properties) run every one: "cython/blas" and "cython/loops" are the backend "cython" with those tiles.
-TILE_VARIANTS = [f"cython/{tiles}" for tiles in ("blas", "loops")] if "cython" in BACKENDS else []
+# Each compiled backend multiplies its attention tiles one of three ways: its own register-blocked micro-kernel (the
+# default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention.pyx,
+# kernels/numba/attention_fused.py). The oracle suites (test_backends, test_properties) run every one:
+# "cython/blas" is the backend "cython" with its BLAS tile products, "numba/loops" the Numba backend's loops engine.
+def _tile_variants():
+    variants = [f"cython/{tiles}" for tiles in ("blas", "loops")] if "cython" in BACKENDS else []
+    if "numba" in BACKENDS:
+        from fastattn.kernels.numba import _config
+
+        variants += [f"numba/{engine}" for engine in ("blas", "loops") if engine != "blas" or _config.HAVE_SCIPY]
+    return variants
+
+
+TILE_VARIANTS = _tile_variants()
 BACKEND_VARIANTS = BACKENDS + TILE_VARIANTS
 COMPILED_VARIANTS = COMPILED + TILE_VARIANTS
 
@@ -32,10 +42,19 @@ COMPILED_VARIANTS = COMPILED + TILE_VARIANTS
 @contextlib.contextmanager
 def backend_variant(variant):
     """Yield the backend name of ``variant`` ("cython/blas" -> "cython") with its tile products set for the block
-    (BLAS then serves every call it can, however small); the default ones are back afterwards."""
+    (Cython's BLAS then serves every call it can, however small); the defaults are back afterwards."""
     name, _, tiles = variant.partition("/")
     if not tiles:
         yield name
+        return
+    if name == "numba":
+        from fastattn.kernels import numba
+
+        previous_engine, numba.ENGINE = numba.ENGINE, tiles
+        try:
+            yield name
+        finally:
+            numba.ENGINE = previous_engine
         return
     from fastattn.kernels.cython import _attention
 

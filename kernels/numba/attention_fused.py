@@ -2,14 +2,18 @@
 
 The work is cut into query tiles (``block_q`` rows of one batch item and head). Each query tile walks the key
 tiles (``block_k`` keys) left to right and keeps, per query row, the running max ``m`` and running sum ``l`` of the
-online softmax; the output rows are the running weighted sum, rescaled whenever the max grows:
+online softmax; the output rows are the running weighted average, rescaled whenever the max grows:
 
     for each key tile:                                   (tiles wholly above the causal diagonal are skipped)
         s     = scale · Q_tile K_tileᵀ  (+ mask, key_bias, -inf above the diagonal)      scores
         m_new = max(m, rowmax(s));  p = exp(s - m_new);  alpha = exp(m - m_new)          online softmax
-        l     = alpha · l + rowsum(p)
-        o     = alpha · o + p V_tile                                                     weighted sum
-    o /= l        (a row that saw no key at all has l = 0 and gives zeros)
+        l_new = alpha · l + rowsum(p)
+        o     = (alpha · l · o + p V_tile) / l_new                                       weighted average
+    (a row that saw no key at all keeps l = 0 and o = 0)
+
+o is kept in float64 (``fold_tile``): a float32 sum over every key would let one heavy weight swallow many light
+ones, and as an average o never grows past max |V|, so huge values in V cannot overflow it (a tile's own p V_tile is
+kept finite by scaling p down by a power of two first, ``value_shift``).
 
 Parallelism: one ``prange`` over the flat index (batch, head, query tile). Per-thread scratch (score tile, scaled
 queries, running stats) is allocated once before the ``prange`` and picked by thread id, so the loop body allocates
@@ -84,11 +88,13 @@ def mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_b
 
 
 @njit(**HELPER)
-def online_softmax_tile(s, m, l, alpha):
+def online_softmax_tile(s, m, l, alpha, shift, unshift):
     """Turn the score tile s (tq, tk) into p = exp(s - m_new) in place and update the running stats.
 
     m (tq,) running row max (dtype of s), l (tq,) running row sum (float64), alpha (tq,) gets exp(m_old - m_new),
-    the factor by which the output rows accumulated so far must be rescaled.
+    the factor by which the output rows accumulated so far must be rescaled. ``shift`` = log(2^k), ``unshift`` = 2^k:
+    p is computed as exp(s - m_new - shift) = p / 2^k, for a tile of huge values in V (see ``value_shift``); the row
+    sum is scaled back (exactly) before it joins l.
     """
     tq, tk = s.shape
     zero = s.dtype.type(0.0)
@@ -112,57 +118,97 @@ def online_softmax_tile(s, m, l, alpha):
                 continue
             m_new = s.dtype.type(np.nan)
         a = fast_exp(m_old - m_new)  # 0 when m_old = -inf
+        m_sub = m_new + shift
         total = 0.0  # float64: one dominant key must not swallow many tiny ones
-        for j in range(tk):  # p = exp(s - m_new), rowsum
-            p = fast_exp(row[j] - m_new)
+        for j in range(tk):  # p = exp(s - m_new - shift), rowsum
+            p = fast_exp(row[j] - m_sub)
             row[j] = p
             total += p
         m[i] = m_new
-        l[i] = l[i] * a + total
+        l[i] = l[i] * a + total * unshift
         alpha[i] = a
 
 
 @njit(**HELPER)
-def rescale_add(o, alpha, pv):
-    """o = alpha * o + pv, row by row.   o, pv (tq, Ev), alpha (tq,)."""
-    tq, Ev = o.shape
-    for i in range(tq):
-        a = o.dtype.type(alpha[i])
+def value_shift(vt, v_big, k_big):
+    """k such that a tile's p·V, with p scaled down by 2^k, cannot overflow: k_big when some |v| > v_big, else 0
+    (which keeps subnormal V exact). v_big = largest float / 2^(k_big + 1), 2^k_big >= keys per tile."""
+    v_max = 0.0
+    tk, Ev = vt.shape
+    for j in range(tk):
         for c in range(Ev):
-            o[i, c] = o[i, c] * a + pv[i, c]
+            v_max = maxnum(v_max, abs(np.float64(vt[j, c])))
+    return k_big if v_max > v_big else 0.0
 
 
 @njit(**HELPER)
-def start_query_tile(qs, qt, scale, o, m, l):
-    """Begin a query tile: qs = qt * scale, o = 0, running max m = -inf, running sum l = 0."""
+def fold_tile(acc, pv, l_prev, alpha, l, unshift):
+    """acc = (l_prev alpha acc + unshift pv) / l row by row: the output rows as a running weighted average, in float64.
+
+    acc (tq, Ev) float64; pv (tq, Ev) this key tile's p·V (p scaled by 1 / unshift); l_prev, alpha, l (tq,). A row
+    with l = 0 has seen no key yet: acc stays 0; l = NaN: NaN. Being an average, acc never grows past max |V|.
+    """
+    tq, Ev = acc.shape
+    for i in range(tq):
+        if l[i] != 0.0:
+            keep = l_prev[i] * alpha[i] / l[i]
+            add = unshift / l[i]
+            for c in range(Ev):
+                acc[i, c] = acc[i, c] * keep + pv[i, c] * add
+
+
+@njit(**HELPER)
+def start_query_tile(qs, qt, scale, acc, m, l):
+    """Begin a query tile: qs = qt * scale, acc = 0, running max m = -inf, running sum l = 0."""
     tq, E = qt.shape
-    Ev = o.shape[1]
+    Ev = acc.shape[1]
     for i in range(tq):
         for e in range(E):
             qs[i, e] = qt[i, e] * scale
         for c in range(Ev):
-            o[i, c] = 0.0
+            acc[i, c] = 0.0
         m[i] = -np.inf
         l[i] = 0.0
 
 
 @njit(**HELPER)
-def normalise_rows(o, l):
-    """o /= l row by row; a row with l = 0 saw no key and becomes zeros (NaN stays NaN)."""
+def store_rows(o, acc):
+    """o = acc (the averages are the outputs; a row that saw no key is still zeros)."""
     tq, Ev = o.shape
     for i in range(tq):
-        if l[i] == 0.0:
-            for c in range(Ev):
-                o[i, c] = 0.0
-        else:
-            inv = o.dtype.type(1.0 / l[i])
-            for c in range(Ev):
-                o[i, c] *= inv
+        for c in range(Ev):
+            o[i, c] = acc[i, c]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The readable engine: tile products as loops
 # ----------------------------------------------------------------------------------------------------------------
+@njit(**HELPER)
+def work_item(w, n_qt, Hq, g, block_q, L, S, causal, causal_offset):
+    """(b, h, hk, i0, tq, kv_end) of work item w: batch, query head, its key/value head, first query row, rows,
+    one past the last key any of them sees."""
+    bh = w // n_qt
+    b = bh // Hq
+    h = bh % Hq
+    i0 = tile_order(w % n_qt, n_qt, causal) * block_q
+    tq = min(block_q, L - i0)
+    return b, h, h // g, i0, tq, key_end(i0 + tq - 1, S, causal, causal_offset)
+
+
+@njit(**HELPER)
+def softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias, m, l,
+                 l_prev, alpha, v_big, k_big):
+    """Between the two tile products of the loops and BLAS engines: masks, then the online softmax of the score tile
+    s (into p, in place), with p scaled down for a tile of huge values in V; l_prev keeps l from before. Returns the
+    factor (2^k) to pass to ``fold_tile``."""
+    mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias)
+    k_shift = value_shift(vt, v_big, k_big)
+    for i in range(l.shape[0]):
+        l_prev[i] = l[i]
+    online_softmax_tile(s, m, l, alpha, s.dtype.type(np.log(2.0) * k_shift), 2.0**k_shift)
+    return 2.0**k_shift
+
+
 @njit(**PARALLEL)
 def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias,
                     block_q, block_k, n_threads):
@@ -171,36 +217,33 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
     out (B, Hq, L, Ev), q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev); ``scale`` has the arrays' dtype.
     ``mask`` and ``key_bias`` come flat with their strides (see ``mask_tile``). ``n_threads`` is
     ``numba.get_num_threads()`` of the caller (calling it in here would make the kernel uncachable).
+
+    Per key tile: s = (scale q) ktᵀ, masks, online softmax (p = exp(s - m), running m and l), pv = p vt, and pv
+    folded into the output rows, kept in float64 as a running weighted average (``fold_tile``): no float32 sum over
+    all keys, and no overflow with huge values in V (their tiles scale p down first, ``value_shift``).
     """
     B, Hq, L, E = q.shape
-    Hkv = k.shape[1]
     S = k.shape[2]
     Ev = v.shape[3]
-    g = Hq // Hkv
     dt = q.dtype
     n_qt = (L + block_q - 1) // block_q
+    k_big = np.ceil(np.log2(block_k))  # 2^k_big >= keys per tile
+    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)  # |V| above this: p / 2^k_big (value_shift)
     # per-thread scratch, allocated once
     s_buf = np.empty((n_threads, block_q * block_k), dt)  # score / probability tile
     qs_buf = np.empty((n_threads, block_q * E), dt)  # scaled query tile
+    pv_buf = np.empty((n_threads, block_q * Ev), dt)  # p vt of the current key tile
+    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)  # the output rows, accumulated over key tiles
     m_buf = np.empty((n_threads, block_q), dt)  # running row max
-    l_buf = np.empty((n_threads, block_q), np.float64)  # running row sum
-    a_buf = np.empty((n_threads, block_q), np.float64)  # rescale factor of the current key tile
+    l_buf = np.empty((n_threads, 3, block_q), np.float64)  # running row sum, its value before the tile, rescale
     for w in prange(B * Hq * n_qt):
         tid = numba.get_thread_id()
-        bh = w // n_qt
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // g
-        i0 = tile_order(w % n_qt, n_qt, causal) * block_q
-        tq = min(block_q, L - i0)
-        kv_end = key_end(i0 + tq - 1, S, causal, causal_offset)
-        qt = q[b, h, i0:i0 + tq]  # (tq, E)
-        o = out[b, h, i0:i0 + tq]  # (tq, Ev)   accumulated in place
+        b, h, hk, i0, tq, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal, causal_offset)
         qs = qs_buf[tid, :tq * E].reshape((tq, E))
-        m = m_buf[tid, :tq]
-        l = l_buf[tid, :tq]
-        alpha = a_buf[tid, :tq]
-        start_query_tile(qs, qt, scale, o, m, l)
+        pv = pv_buf[tid, :tq * Ev].reshape((tq, Ev))
+        acc = acc_buf[tid, :tq * Ev].reshape((tq, Ev))
+        m, l, l_prev, alpha = m_buf[tid, :tq], l_buf[tid, 0, :tq], l_buf[tid, 1, :tq], l_buf[tid, 2, :tq]
+        start_query_tile(qs, q[b, h, i0:i0 + tq], scale, acc, m, l)
         for j0 in range(0, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
             kt = k[b, hk, j0:j0 + tk]  # (tk, E)
@@ -208,71 +251,61 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
             s = s_buf[tid, :tq * tk].reshape((tq, tk))
             for i in range(tq):  # scores: s = qs ktᵀ
                 for j in range(tk):
-                    acc = dt.type(0.0)
+                    dot = dt.type(0.0)
                     for e in range(E):
-                        acc += qs[i, e] * kt[j, e]
-                    s[i, j] = acc
-            mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias)
-            online_softmax_tile(s, m, l, alpha)
-            for i in range(tq):  # weighted sum: o = alpha o + p vt
-                a = dt.type(alpha[i])
+                        dot += qs[i, e] * kt[j, e]
+                    s[i, j] = dot
+            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
+                                   has_key_bias, m, l, l_prev, alpha, v_big, k_big)
+            for i in range(tq):  # weighted sum of this tile: pv = p vt
                 for c in range(Ev):
-                    o[i, c] *= a
+                    pv[i, c] = 0.0
                 for j in range(tk):
                     p = s[i, j]
                     for c in range(Ev):
-                        o[i, c] += p * vt[j, c]
-        normalise_rows(o, l)
+                        pv[i, c] += p * vt[j, c]
+            fold_tile(acc, pv, l_prev, alpha, l, unshift)
+        store_rows(out[b, h, i0:i0 + tq], acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fast engine: tile products through BLAS
+# The BLAS engine: tile products through SciPy's BLAS
 # ----------------------------------------------------------------------------------------------------------------
 @njit(**PARALLEL)
 def attention_blas(out, q, k, v, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias,
                    block_q, block_k, n_threads):
     """Fused attention with the tile products as ``np.dot`` (SciPy BLAS, one thread); else as ``attention_loops``."""
     B, Hq, L, E = q.shape
-    Hkv = k.shape[1]
     S = k.shape[2]
     Ev = v.shape[3]
-    g = Hq // Hkv
     dt = q.dtype
     n_qt = (L + block_q - 1) // block_q
-    s_buf = np.empty((n_threads, block_q * block_k), dt)  # score / probability tile
-    qs_buf = np.empty((n_threads, block_q * E), dt)  # scaled query tile
-    pv_buf = np.empty((n_threads, block_q * Ev), dt)  # p vt of the current key tile
+    k_big = np.ceil(np.log2(block_k))
+    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)
+    s_buf = np.empty((n_threads, block_q * block_k), dt)
+    qs_buf = np.empty((n_threads, block_q * E), dt)
+    pv_buf = np.empty((n_threads, block_q * Ev), dt)
+    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)
     m_buf = np.empty((n_threads, block_q), dt)
-    l_buf = np.empty((n_threads, block_q), np.float64)
-    a_buf = np.empty((n_threads, block_q), np.float64)
+    l_buf = np.empty((n_threads, 3, block_q), np.float64)
     for w in prange(B * Hq * n_qt):
         tid = numba.get_thread_id()
-        bh = w // n_qt
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // g
-        i0 = tile_order(w % n_qt, n_qt, causal) * block_q
-        tq = min(block_q, L - i0)
-        kv_end = key_end(i0 + tq - 1, S, causal, causal_offset)
-        qt = q[b, h, i0:i0 + tq]  # (tq, E)
-        o = out[b, h, i0:i0 + tq]  # (tq, Ev)
+        b, h, hk, i0, tq, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal, causal_offset)
         qs = qs_buf[tid, :tq * E].reshape((tq, E))
         pv = pv_buf[tid, :tq * Ev].reshape((tq, Ev))
-        m = m_buf[tid, :tq]
-        l = l_buf[tid, :tq]
-        alpha = a_buf[tid, :tq]
-        start_query_tile(qs, qt, scale, o, m, l)
+        acc = acc_buf[tid, :tq * Ev].reshape((tq, Ev))
+        m, l, l_prev, alpha = m_buf[tid, :tq], l_buf[tid, 0, :tq], l_buf[tid, 1, :tq], l_buf[tid, 2, :tq]
+        start_query_tile(qs, q[b, h, i0:i0 + tq], scale, acc, m, l)
         for j0 in range(0, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
-            kt = k[b, hk, j0:j0 + tk]  # (tk, E)
             vt = v[b, hk, j0:j0 + tk]  # (tk, Ev)
             s = s_buf[tid, :tq * tk].reshape((tq, tk))
-            np.dot(qs, kt.T, s)  # scores (BLAS)
-            mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias)
-            online_softmax_tile(s, m, l, alpha)
+            np.dot(qs, k[b, hk, j0:j0 + tk].T, s)  # scores (BLAS)
+            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
+                                   has_key_bias, m, l, l_prev, alpha, v_big, k_big)
             np.dot(s, vt, pv)  # weighted sum of this tile (BLAS)
-            rescale_add(o, alpha, pv)
-        normalise_rows(o, l)
+            fold_tile(acc, pv, l_prev, alpha, l, unshift)
+        store_rows(out[b, h, i0:i0 + tq], acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,23 +474,12 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
             matmul_tile(st, kt, qst[:, c0:], False)  # raw scores, transposed: st = kt qtᵀ
             scale_mask_tile_t(st, scale, b, h, i0 + c0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
                               has_key_bias)
-            v_max = 0.0
-            for j in range(tk):
-                for c in range(Ev):
-                    v_max = maxnum(v_max, abs(np.float64(vt[j, c])))
-            k_shift = k_big if v_max > v_big else 0.0  # huge values: keep p V from overflowing
+            k_shift = value_shift(vt, v_big, k_big)  # huge values: keep p V from overflowing
             for i in range(c0, tq):
                 l_prev[i] = l[i]
             online_softmax_tile_t(st, m[c0:], l[c0:], alpha[c0:], max_buf[tid, 1, c0:tq], max_buf[tid, 2, c0:tq],
                                   sum_buf[tid, 2, c0:tq], dt.type(np.log(2.0) * k_shift), 2.0 ** k_shift)
             matmul_tile(pv[c0:], st.T, vt, False)  # weighted sum of this tile: pv = p vt
-            for i in range(c0, tq):  # acc = (l_old alpha acc + pv) / l: the running weighted average, in float64
-                if l[i] != 0.0:  # (l = 0: no key seen yet, acc stays 0; l = NaN: NaN)
-                    keep = l_prev[i] * alpha[i] / l[i]
-                    add = 2.0 ** k_shift / l[i]
-                    for c in range(Ev):
-                        acc[i, c] = acc[i, c] * keep + pv[i, c] * add
+            fold_tile(acc[c0:], pv[c0:], l_prev[c0:], alpha[c0:], l[c0:], 2.0**k_shift)  # the running average
             j0 += tk
-        for i in range(tq):  # a query that saw no key (l = 0) gets zeros
-            for c in range(Ev):
-                o[i, c] = acc[i, c]
+        store_rows(o, acc)  # a query that saw no key (l = 0) gets zeros

@@ -192,68 +192,52 @@ def layer_norm(floating[:, ::1] out, const floating[:, ::1] x, const floating[::
             normalise_row(&out[r, 0], &x[r, 0], D, &gamma[0], &beta[0], eps)
 
 
-def gelu(floating[:, ::1] out, const floating[:, ::1] x):
-    """out = 0.5 x (1 + erf(x / √2))."""
+cdef enum:
+    GELU_ERF = 0
+    GELU_TANH = 1
+
+
+cdef int _gelu_rows(floating[:, ::1] out, const floating[:, ::1] x, const floating* bias, int form) except -1:
+    """out[r] = gelu(x[r] + bias) for every row, in the erf or the tanh form; bias NULL: no bias."""
     cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r
-    cdef floating* orow
-    cdef const floating* xrow
+    cdef floating* zeros = NULL
     if R * D == 0:
-        return
-    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))  # the bias of the bias_gelu loops
-    if zeros == NULL:
-        raise MemoryError()
+        return 0
+    if bias == NULL:  # the row loops always add a bias: zeros
+        zeros = <floating*>calloc(D, sizeof(floating))
+        if zeros == NULL:
+            raise MemoryError()
+        bias = zeros
     with nogil:
         for r in prange(R, schedule="static", num_threads=_n_threads):
-            orow = &out[r, 0]
-            xrow = &x[r, 0]
-            gelu_row(orow, xrow, zeros, D)
+            if form == GELU_TANH:
+                gelu_tanh_row(&out[r, 0], &x[r, 0], bias, D)
+            else:
+                gelu_row(&out[r, 0], &x[r, 0], bias, D)
     free(zeros)
+    return 0
+
+
+def gelu(floating[:, ::1] out, const floating[:, ::1] x):
+    """out = 0.5 x (1 + erf(x / √2))."""
+    _gelu_rows(out, x, <const floating*>NULL, GELU_ERF)
 
 
 def gelu_tanh(floating[:, ::1] out, const floating[:, ::1] x):
     """out = 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
-    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r
-    cdef floating* orow
-    cdef const floating* xrow
-    if R * D == 0:
-        return
-    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))  # the bias of the bias_gelu loops
-    if zeros == NULL:
-        raise MemoryError()
-    with nogil:
-        for r in prange(R, schedule="static", num_threads=_n_threads):
-            orow = &out[r, 0]
-            xrow = &x[r, 0]
-            gelu_tanh_row(orow, xrow, zeros, D)
-    free(zeros)
+    _gelu_rows(out, x, <const floating*>NULL, GELU_TANH)
 
 
 def bias_gelu(floating[:, ::1] out, const floating[:, ::1] x, const floating[::1] bias):
     """out = gelu(x + bias)."""
-    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r, c
-    cdef floating* orow
-    cdef const floating* xrow
-    if R * D == 0:
-        return
-    with nogil:
-        for r in prange(R, schedule="static", num_threads=_n_threads):
-            orow = &out[r, 0]
-            xrow = &x[r, 0]
-            gelu_row(orow, xrow, &bias[0], D)
+    if x.shape[0] * x.shape[1] != 0:
+        _gelu_rows(out, x, &bias[0], GELU_ERF)
 
 
 def bias_gelu_tanh(floating[:, ::1] out, const floating[:, ::1] x, const floating[::1] bias):
     """out = gelu_tanh(x + bias)."""
-    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r, c
-    cdef floating* orow
-    cdef const floating* xrow
-    if R * D == 0:
-        return
-    with nogil:
-        for r in prange(R, schedule="static", num_threads=_n_threads):
-            orow = &out[r, 0]
-            xrow = &x[r, 0]
-            gelu_tanh_row(orow, xrow, &bias[0], D)
+    if x.shape[0] * x.shape[1] != 0:
+        _gelu_rows(out, x, &bias[0], GELU_TANH)
 
 
 def bias_residual(floating[:, ::1] out, const floating[:, ::1] x, const floating[::1] bias,

@@ -34,6 +34,12 @@ def activation_kernel(name, config_key: str) -> str:
     return kernel
 
 
+def check_heads(hidden: int, heads: int, hidden_key: str, heads_key: str) -> None:
+    """The hidden size must split into whole heads (config.json's names for the two in the message)."""
+    if heads == 0 or hidden % heads:
+        raise CheckpointError(f"config.json: {hidden_key}={hidden} does not split into {heads_key}={heads} heads")
+
+
 def kernels(backend):
     """(attention kernels, block kernels) of the backend a call uses."""
     return _backends.kernels(backend), _backends.kernels(backend, family="blocks")

@@ -77,11 +77,7 @@ class BertConfig:
             hidden_act=config_value(config, "hidden_act", str, default="gelu"),
             pad_token_id=config_value(config, "pad_token_id", int, default=0),
         )
-        if out.num_heads == 0 or out.hidden_size % out.num_heads:
-            raise CheckpointError(
-                f"config.json: hidden_size={out.hidden_size} does not split into num_attention_heads="
-                f"{out.num_heads} heads"
-            )
+        _ops.check_heads(out.hidden_size, out.num_heads, "hidden_size", "num_attention_heads")
         _ops.activation_kernel(out.hidden_act, "hidden_act")
         return out
 

@@ -76,10 +76,7 @@ class GPT2Config:
             eos_token_id=eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else None),
             pad_token_id=config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else None,
         )
-        if out.num_heads == 0 or out.hidden_size % out.num_heads:
-            raise CheckpointError(
-                f"config.json: n_embd={out.hidden_size} does not split into n_head={out.num_heads} heads"
-            )
+        _ops.check_heads(out.hidden_size, out.num_heads, "n_embd", "n_head")
         _ops.activation_kernel(out.activation, "activation_function")
         return out
 

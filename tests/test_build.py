@@ -83,6 +83,32 @@ def test_cython_thread_count_reaches_every_extension_whenever_loaded():
     assert second == "2 2"
 
 
+@pytest.mark.parametrize(
+    "variable,backend",
+    [("FASTATTN_NUMBA_ENGINE", "numba"), pytest.param("FASTATTN_CYTHON_TILES", "cython", marks=needs_build)],
+)
+def test_a_bad_tile_product_setting_makes_the_backend_unavailable_with_the_reason(variable, backend):
+    """A typo in the variable that picks a backend's tile products is neither ignored nor a crash: asking for that
+    backend raises a ValueError naming the variable, backend_status() says it, the automatic choice moves on."""
+    code = (
+        "import numpy as np, fastattn\n"
+        "q = np.ones((2, 3), np.float32)\n"
+        "try:\n"
+        f"    fastattn.scaled_dot_product_attention(q, q, q, backend={backend!r})\n"
+        "except ValueError as exc:\n"
+        "    print('raised', exc)\n"
+        "print(fastattn.scaled_dot_product_attention(q, q, q).shape)\n"
+        f"print(fastattn.backend_status()[{backend!r}])"
+    )
+    env = dict(os.environ, **{variable: "bogus"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    raised, shape, status = out.stdout.strip().splitlines()
+    assert raised.startswith(f"raised backend {backend!r}") and variable in raised and "'bogus'" in raised
+    assert shape == "(2, 3)"
+    assert variable in status
+
+
 def test_numba_kernels_compile_lazily():
     """Loading the Numba backend compiles nothing; the first call compiles (or loads from cache) what it needs."""
     code = (

@@ -115,10 +115,14 @@ def set_num_threads(n: int) -> None:
 #: ``np.dot`` inside ``@njit`` needs SciPy (Numba calls ``scipy.linalg.cython_blas``). Probed, not imported.
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 
-#: The fused attention engine (see ``attention_fused.py``); ``FASTATTN_NUMBA_ENGINE`` chooses another.
-ENGINE = os.environ.get("FASTATTN_NUMBA_ENGINE", "tiled")
-if ENGINE not in ("tiled", "blas", "loops") or (ENGINE == "blas" and not HAVE_SCIPY):
-    ENGINE = "tiled"
+#: The fused attention engine (see ``attention_fused.py``); ``FASTATTN_NUMBA_ENGINE`` chooses another. A value that
+#: cannot run is an error at import, which leaves the backend unavailable with the reason (``backend_status()``).
+ENGINES = ("tiled", "blas", "loops")
+ENGINE = os.environ.get("FASTATTN_NUMBA_ENGINE", "").strip().lower() or "tiled"
+if ENGINE not in ENGINES:
+    raise ValueError(f"FASTATTN_NUMBA_ENGINE must be one of {', '.join(ENGINES)}, got {ENGINE!r}")
+if ENGINE == "blas" and not HAVE_SCIPY:
+    raise ValueError("FASTATTN_NUMBA_ENGINE=blas needs SciPy (Numba's np.dot calls its BLAS); install scipy")
 
 _blas_state = {"limited": False, "how": "not yet"}
 

@@ -18,6 +18,7 @@ Every ``kernels/cython/*.pyx`` becomes the extension ``fastattn.kernels.cython.<
 """
 
 import glob
+import importlib.util
 import os
 import platform
 import shutil
@@ -35,8 +36,21 @@ PACKAGE = "fastattn.kernels.cython"
 PYX_DIR = os.path.join("kernels", "cython")
 
 
+def _load_settings():
+    """fastattn/_settings.py by path (the package itself cannot be imported before it is built)."""
+    spec = importlib.util.spec_from_file_location("_fastattn_settings", os.path.join(HERE, "fastattn", "_settings.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+_settings = _load_settings()
+
+
 def _env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """A build switch of fastattn/_settings.py (on/off), parsed as the library parses its own."""
+    return _settings.get(name)
 
 
 def _warn(message):
@@ -58,9 +72,9 @@ def _wants_isa_variants(path):
 
 
 def _extensions():
-    isa_ok = platform.machine().lower() in ("x86_64", "amd64") and os.environ.get(
-        "FASTATTN_ISA_VARIANTS", "1"
-    ).strip().lower() not in ("0", "false", "no", "off")
+    if not _env_flag("FASTATTN_BUILD_CYTHON"):
+        return []
+    isa_ok = platform.machine().lower() in ("x86_64", "amd64") and _env_flag("FASTATTN_ISA_VARIANTS")
     extensions = []
     for src in sorted(glob.glob(os.path.join(HERE, PYX_DIR, "*.pyx"))):
         name = os.path.splitext(os.path.basename(src))[0]

@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", choices=("encoder", "decoder"), action="append", default=[])
     args = parser.parse_args(argv)
 
-    from fastattn import _timing
+    from fastattn.tools import timing as _timing
 
     for name in ("torch", "transformers", "safetensors"):
         module, reason = _timing.optional_import(name)

@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from fastattn.functional import _rope_tables, sinusoidal_positions
+from fastattn._call import rope_tables
+from fastattn.functional import sinusoidal_positions
 
 GRID = os.environ.get("FASTATTN_BENCH_GRID", "full")
 SEED = 0
@@ -148,7 +149,7 @@ def test_rope(measure, fa_kernels, request, dtype, shape, layout, backend):
     BH, N, d = shape
     interleaved = layout == "interleaved"
     x = np.random.default_rng(SEED).standard_normal(shape).astype(dtype)
-    cos, sin = _rope_tables(N, d, 0, 10000.0, np.dtype(dtype))  # (N, d/2) each, as apply_rope makes them
+    cos, sin = rope_tables(N, d, 0, 10000.0, np.dtype(dtype))  # (N, d/2) each, as apply_rope makes them
     if backend == "torch":
         torch = request.getfixturevalue("torch")
         tx, tcos, tsin = torch.from_numpy(x), torch.from_numpy(cos), torch.from_numpy(sin)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _timing, oracle
+from fastattn import oracle
+from fastattn.tools import timing as _timing
 
 GRID = os.environ.get("FASTATTN_BENCH_GRID", "full")
 SEED = 0

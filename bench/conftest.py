@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-from fastattn import _timing
+from fastattn.tools import timing as _timing
 
 GRIDS = ("full", "quick", "smoke")
 #: A call slower than this is benchmarked in a fixed few rounds (``benchmark.pedantic``) instead of calibrated ones.

@@ -9,17 +9,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 COMMANDS = {
-    "demo": "fastattn.demo",
-    "bench": "fastattn.bench",
-    "profile": "fastattn.profile",
-    "embed": "fastattn.models.cli",
+    "demo": "fastattn.tools.demo",
+    "bench": "fastattn.tools.bench",
+    "profile": "fastattn.tools.profile",
+    "embed": "fastattn.tools.embed",
 }
 
 
+def _take_the_real_package() -> None:
+    """Run from the parent folder of an editable checkout that is itself named ``fastattn``, Python finds that folder
+    first (it has no ``__init__.py``: a namespace package) and never runs the real ``fastattn/__init__.py``; the
+    editable install's finder only comes after. Drop that folder's parent from ``sys.path`` and import again."""
+    package = sys.modules.get("fastattn")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shadowing = os.path.dirname(checkout)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != shadowing]
+    for name in [n for n in sys.modules if n == "fastattn" or n.startswith("fastattn.")]:
+        del sys.modules[name]
+    importlib.import_module("fastattn")
+
+
 def main(argv=None) -> int:
+    _take_the_real_package()
     parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

@@ -9,42 +9,111 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import importlib.util
 import os
 import sys
 import threading
 import warnings
 
+from . import _settings
+from ._optable import module_families, of_families
+
 NAMES = ("numpy", "numba", "cython")
 PREFERENCE = ("numba", "cython", "numpy")  # automatic choice: fastest first
 ENV_VAR = "FASTATTN_BACKEND"
 
-_MODULES = {
-    "numpy": "fastattn._numpy_backend",
-    "numba": "fastattn.kernels.numba",
-    "cython": "fastattn.kernels.cython",
-}
-_KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
+
+# --------------------------------------------------------------------------------------------------------------
+# Where each backend's kernels live: one module per backend for the attention pipeline (the embedding, positions
+# and attention families of fastattn._optable) and one for the transformer blocks. Imported on first need.
+# --------------------------------------------------------------------------------------------------------------
+def _numpy_module(family: str):
+    if family == "blocks":
+        from . import _numpy_blocks as module
+    else:
+        from . import _numpy_backend as module
+    return module
+
+
+def _numba_module(family: str):
+    if family == "blocks":
+        from .kernels.numba import blocks as module
+    else:
+        from .kernels import numba as module
+    return module
+
+
+def _cython_module(family: str):
+    if family == "blocks":
+        from .kernels.cython import blocks as module
+    else:
+        from .kernels import cython as module
+    return module
+
+
+MODULES = {"numpy": _numpy_module, "numba": _numba_module, "cython": _cython_module}
+
+
+def settings_for(name: str) -> dict:
+    """The settings values a backend's ``configure`` takes. Raises ValueError naming a variable with a bad value."""
+    if name == "numba":
+        return {"tiles": _settings.get("FASTATTN_TILES")}
+    if name == "cython":
+        return {
+            "tiles": _settings.get("FASTATTN_TILES"),
+            "isa": _settings.get("FASTATTN_CYTHON_ISA"),
+            "blas": _settings.get("FASTATTN_CYTHON_BLAS"),
+        }
+    return {}
+
+
+def _configure(name: str, module) -> None:
+    """Hand the settings' values to a freshly loaded backend module; a value it cannot take is a ValueError that
+    names the variable."""
+    values = settings_for(name)
+    if not values or not hasattr(module, "configure"):
+        return
+    try:
+        module.configure(**values)
+    except ValueError as exc:
+        shown = ", ".join(f"{_VARIABLE[k]}={v!r}" for k, v in values.items())
+        raise ValueError(f"{shown}: {exc}") from None
+
+
+_VARIABLE = {"tiles": "FASTATTN_TILES", "isa": "FASTATTN_CYTHON_ISA", "blas": "FASTATTN_CYTHON_BLAS"}
+
+
+def missing_kernels(module, family: str) -> list[str]:
+    """Operations of the table the backend module for ``family`` neither implements nor explains in ``UNSUPPORTED``."""
+    unsupported = getattr(module, "UNSUPPORTED", {})
+    return [
+        op.name
+        for op in of_families(module_families(family))
+        if not callable(getattr(module, op.name, None)) and op.name not in unsupported
+    ]
+
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
-_loaded: dict[str, object] = {}
+_loaded: dict[tuple[str, str], object] = {}  # (backend, "pipeline" | "blocks") -> configured module
 _failed: dict[str, str] = {}
 _lock = threading.Lock()
-_thread_setting: list[int | None] = [None]  # the count set by fastattn.set_num_threads, applied to each backend
 
 
 def _probe(name: str) -> str | None:
     """None if ``name`` can run here, else the reason it cannot. Does not import Numba."""
     if name in _failed:
         return _failed[name]
-    if name == "numpy" or name in _loaded:
+    try:
+        settings_for(name)
+    except ValueError as exc:  # a bad setting: this backend cannot run until it is fixed
+        return str(exc)
+    if name == "numpy" or (name, "pipeline") in _loaded:
         return None
     if name == "numba":
         if importlib.util.find_spec("numba") is None:
             return "numba is not installed (pip install numba)"
         try:
-            spec = importlib.util.find_spec(_MODULES["numba"])
+            spec = importlib.util.find_spec("fastattn.kernels.numba")
         except ImportError:
             spec = None
         if spec is None:
@@ -52,14 +121,11 @@ def _probe(name: str) -> str | None:
         return None
     if name == "cython":
         try:
-            mod = importlib.import_module(_MODULES["cython"])
+            mod = _cython_module("pipeline")
         except Exception as exc:  # missing, or broken while importing: a broken install, never a crash here
             _failed[name] = f"fastattn.kernels.cython could not be imported ({type(exc).__name__}: {exc})"
             return _failed[name]
-        reason = getattr(mod, "UNAVAILABLE_REASON", None)
-        if reason is None and not hasattr(mod, "attention"):
-            reason = "the Cython extensions are not built in this installation"
-        return reason
+        return getattr(mod, "UNAVAILABLE_REASON", None)
     raise AssertionError(name)
 
 
@@ -133,7 +199,7 @@ def resolve_name(backend: str | None = None) -> str:
     chosen = _chosen.get()
     if chosen is not None:
         return chosen
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = os.environ.get(ENV_VAR, "").strip()  # read raw: an unknown name gets the registry's fuller message
     if env:
         return _check_name(env, f"from the environment variable {ENV_VAR}")
     for name in PREFERENCE:
@@ -147,77 +213,40 @@ def resolve_name(backend: str | None = None) -> str:
     return "numpy"
 
 
-# Kernel families beyond the attention pipeline live in submodules of each backend (models' LayerNorm, GELU, ...).
-_FAMILIES = {
-    "blocks": {
-        "numpy": "fastattn._numpy_blocks",
-        "numba": "fastattn.kernels.numba.blocks",
-        "cython": "fastattn.kernels.cython.blocks",
-    },
-}
-
-
 def kernels(backend: str | None = None, family: str | None = None):
-    """The kernel module of the backend a call uses (imported on first need).
+    """The configured kernel module of the backend a call uses for ``family`` (imported on first need).
 
-    ``family=None`` is the attention pipeline of kernels/README.md; ``family="blocks"`` the transformer-block
-    kernels used by ``fastattn.models``.
+    ``family`` is a family of ``fastattn._optable`` (``None``: the attention pipeline: embedding, positions,
+    attention); ``"blocks"`` is the transformer-block kernels used by ``fastattn.models``.
     """
     name = resolve_name(backend)
-    key = name if family is None else f"{name}.{family}"
-    mod = _loaded.get(key)
+    part = "blocks" if family == "blocks" else "pipeline"
+    mod = _loaded.get((name, part))
     if mod is not None:
         return mod
     with _lock:
-        if key not in _loaded:
-            module_name = _MODULES[name] if family is None else _FAMILIES[family][name]
+        if (name, part) not in _loaded:
             try:
-                mod = importlib.import_module(module_name)
-                missing = [k for k in _KERNELS if not hasattr(mod, k)] if family is None else []
+                mod = MODULES[name](part)
+                _configure(name, mod)
+                missing = missing_kernels(mod, part)
                 if missing:
                     raise ImportError(f"it lacks the kernels {missing}")
             except Exception as exc:  # ImportError, or any error raised while the module runs: unavailable
-                if family is not None:
-                    raise ValueError(
-                        f"backend {name!r} has no {family} kernels: importing {module_name} failed: {exc}"
-                    ) from exc
-                _failed[name] = f"importing {module_name} failed: {exc}"
+                where = f"the {part} kernels of backend {name!r}"
+                if part == "blocks":
+                    raise ValueError(f"backend {name!r} has no blocks kernels: loading {where} failed: {exc}") from exc
+                _failed[name] = f"loading {where} failed: {exc}"
                 raise _unavailable_error(name, "on first use") from exc
-            if hasattr(mod, "set_num_threads") and (_thread_setting[0] is not None or name in _fork_serial):
-                mod.set_num_threads(_threads_for(name, _thread_setting[0]))
-            _loaded[key] = mod
-    return _loaded[key]
+            from . import _threads
+
+            _threads.apply_to(name, mod)
+            _loaded[(name, part)] = mod
+    return _loaded[(name, part)]
 
 
-def loaded_modules() -> dict[str, object]:
+def loaded_modules() -> dict[tuple[str, str], object]:
     return dict(_loaded)
-
-
-def set_threads_everywhere(n: int) -> None:
-    """Apply ``n`` threads to every backend, or to none: a count one backend refuses (Numba: more than
-    ``NUMBA_NUM_THREADS``) raises here and changes nothing, instead of breaking that backend's first use later.
-
-    The available compiled backends are loaded first (imported, nothing compiled) so that each can judge ``n`` now.
-    """
-    for name in available_backends():
-        if name != "numpy":
-            try:
-                kernels(name)
-            except ValueError:  # it could not be imported: now reported unavailable, nothing to set
-                pass
-    applied = []
-    try:
-        for key, mod in list(_loaded.items()):
-            if hasattr(mod, "set_num_threads"):
-                before = mod.get_num_threads() if hasattr(mod, "get_num_threads") else None
-                mod.set_num_threads(_threads_for(key.split(".")[0], n))
-                applied.append((mod, before))
-    except Exception:
-        for mod, before in applied:
-            if before is not None:
-                mod.set_num_threads(before)
-        raise
-    _thread_setting[0] = n
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,10 +266,6 @@ _FORK_FIX = (
 _fork_serial: set[str] = set()  # backends held to one thread in this forked process
 _fork_skipped: list[str] = []  # backends made unavailable by the fork
 _fork_warned: list[str] = []
-
-
-def _threads_for(name: str, n: int | None) -> int | None:
-    return 1 if name in _fork_serial else n
 
 
 def _numba_layer() -> tuple[str | None, bool]:
@@ -270,13 +295,13 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()  # a thread of the parent may have held it at the fork: it never releases it here
     layer, numba_gnu = _numba_layer()
     cython_omp = any(
-        getattr(mod, "openmp_enabled", lambda: True)() for key, mod in _loaded.items() if key.split(".")[0] == "cython"
+        getattr(mod, "openmp_enabled", lambda: True)() for key, mod in _loaded.items() if key[0] == "cython"
     )
     if not (numba_gnu or cython_omp):  # no GNU OpenMP thread pool can have started in the parent
         return
     _fork_serial.add("cython")  # loaded now or later, the Cython kernels run on one thread here
     for key, mod in _loaded.items():
-        if key.split(".")[0] == "cython" and hasattr(mod, "set_num_threads"):
+        if key[0] == "cython" and hasattr(mod, "set_num_threads"):
             mod.set_num_threads(1)
     # Numba: its omp layer ran in the parent (it would terminate this process), or has not started yet and would
     # most likely be omp over the pool the Cython kernels started (it would hang). tbb and workqueue are fork safe.
@@ -286,7 +311,7 @@ def _after_fork_in_child() -> None:
             f"and Numba's OpenMP threading layer would hang or be terminated in such a child; {_FORK_FIX}"
         )
         _fork_skipped.append("numba")
-        for key in [k for k in _loaded if k.split(".")[0] == "numba"]:
+        for key in [k for k in _loaded if k[0] == "numba"]:
             del _loaded[key]
 
 

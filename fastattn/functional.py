@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _backends
+from . import _backends, _call
 from . import _validation as V
 
 __all__ = [
@@ -18,15 +18,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "self_attention",
 ]
-
-
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a)
-
-
-def _dummy(dtype, shape):
-    """A read-only zero-stride stand-in for an absent mask (kernels never read it)."""
-    return np.broadcast_to(np.zeros((1,) * len(shape), dtype=dtype), shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -61,11 +52,7 @@ def embed(token_ids, table, *, backend=None) -> np.ndarray:
     """
     table = V.float_array("table", table, ndim=2)
     ids = V.token_ids("token_ids", token_ids, table.shape[0])
-    kern = _backends.kernels(backend)
-    out = np.empty((ids.size, table.shape[1]), dtype=table.dtype)
-    if out.size:
-        kern.gather(out, _contiguous(ids.reshape(-1)), _contiguous(table))
-    return out.reshape(ids.shape + (table.shape[1],))
+    return _call.gather(_backends.kernels(backend), ids, table)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,28 +115,7 @@ def add_positions(x, positions, *, offset=0, backend=None) -> np.ndarray:
     """
     x = V.float_array("x", x, min_ndim=2)
     positions, offset = _positions_for(x, positions, offset)
-    kern = _backends.kernels(backend)
-    out = np.empty(x.shape, dtype=x.dtype)
-    if out.size:
-        n, d = x.shape[-2], x.shape[-1]
-        kern.add_positions(out.reshape(-1, n, d), _contiguous(x).reshape(-1, n, d), _contiguous(positions), offset)
-    return out
-
-
-def _rope_tables(n: int, d: int, offset: int, base: float, dtype) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / base ** (np.arange(0, d, 2) / d)  # (d/2,)
-    theta = np.outer(np.arange(offset, offset + n, dtype=np.float64), inv_freq)  # (N, d/2)
-    return np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
-
-
-def _rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool) -> np.ndarray:
-    """RoPE over the last two axes of a validated x (..., N, d) on the given kernels."""
-    out = np.empty(x.shape, dtype=x.dtype)
-    if out.size:
-        n, d = x.shape[-2], x.shape[-1]
-        cos, sin = _rope_tables(n, d, offset, base, x.dtype)
-        kern.rope(out.reshape(-1, n, d), _contiguous(x).reshape(-1, n, d), cos, sin, interleaved)
-    return out
+    return _call.add_positions(_backends.kernels(backend), x, positions, offset)
 
 
 def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, backend=None) -> np.ndarray:
@@ -173,7 +139,7 @@ def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, backend=None) ->
     interleaved = V.flag("interleaved", interleaved)
     if x.shape[-1] % 2:
         raise ValueError(f"apply_rope needs an even last dimension d, got shape {x.shape}")
-    return _rope(_backends.kernels(backend), x, offset, base, interleaved)
+    return _call.rope(_backends.kernels(backend), x, offset, base, interleaved)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,21 +170,6 @@ def _mask_4d(m: np.ndarray, batch: tuple[int, ...], heads: int, L: int, S: int) 
     if flat is None or m.shape[:nb] not in (batch, (1,) * nb):  # batch dims that neither match nor are all 1
         flat = np.ascontiguousarray(np.broadcast_to(m, batch + own)).reshape((math.prod(batch),) + own)
     return np.broadcast_to(flat, (math.prod(batch), heads, L, S))
-
-
-def _run_attention(kern, q, k, v, scale, causal, causal_offset, mask, key_bias) -> np.ndarray:
-    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) contiguous; mask None or (B, Hq, L, S) view;
-    key_bias None or (B, S) view. Returns (B, Hq, L, Ev)."""
-    B, Hq, L, _ = q.shape
-    S, Ev = k.shape[2], v.shape[3]
-    out = np.zeros((B, Hq, L, Ev), dtype=q.dtype)
-    if out.size == 0 or S == 0:  # nothing to compute, or no key at all: every row attends to nothing -> zeros
-        return out
-    has_mask, has_bias = mask is not None, key_bias is not None
-    mask = mask if has_mask else _dummy(q.dtype, (B, Hq, L, S))
-    key_bias = key_bias if has_bias else _dummy(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
-    return out
 
 
 def scaled_dot_product_attention(
@@ -289,7 +240,7 @@ def scaled_dot_product_attention(
     if v.shape[-2] != S:
         raise ValueError(f"key and value must share the sequence dimension S, got key {k.shape} and value {v.shape}")
     if scale is None:  # E = 0: every score is an empty sum, 0, whatever the scale (PyTorch: uniform weights)
-        scale = 1.0 / math.sqrt(E) if E else 1.0
+        scale = _call.default_scale(E)
     else:
         scale = V.real_number("scale", scale)
     Ev = v.shape[-1]
@@ -321,7 +272,9 @@ def scaled_dot_product_attention(
     lead = batch + ((Hq,) if nd >= 3 else ())
 
     def norm(a, full, h):  # broadcast the batch dims, keep the own head count, flatten to 4-D
-        return _contiguous(np.broadcast_to(a.reshape(full), batch + (h,) + full[-2:])).reshape(B, h, *full[-2:])
+        return np.ascontiguousarray(np.broadcast_to(a.reshape(full), batch + (h,) + full[-2:])).reshape(
+            B, h, *full[-2:]
+        )
 
     q4 = norm(q, qs, Hq)
     k4 = norm(k, ks, Hkv)
@@ -330,7 +283,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         m = V.mask_array("attn_mask", attn_mask, dtype, lead + (L, S))
         mask = _mask_4d(m, batch, Hq, L, S)
-    out = _run_attention(_backends.kernels(backend), q4, k4, v4, scale, is_causal, 0, mask, None)
+    out = _call.attention(_backends.kernels(backend), q4, k4, v4, scale, is_causal, 0, mask, None)
     return out.reshape(lead + (L, Ev))
 
 
@@ -412,8 +365,32 @@ def self_attention(
         raise ValueError(f"x must have shape (B, N, D) or (N, D), got shape {x.shape}")
     squeeze = x.ndim == 2
     x3 = x[None] if squeeze else x
-    B, N, D = x3.shape
-    dtype = x.dtype
+    args = _self_attention_args(
+        x3.shape,
+        x3.dtype,
+        w_q,
+        w_k,
+        w_v,
+        w_o,
+        n_heads,
+        n_kv_heads,
+        b_q,
+        b_k,
+        b_v,
+        b_o,
+        is_causal,
+        key_padding_mask,
+        rope,
+    )
+    y = _call.self_attention(_backends.kernels(backend), x3, *args)
+    return y[0] if squeeze else y
+
+
+def _self_attention_args(shape, dtype, w_q, w_k, w_v, w_o, n_heads, n_kv_heads, b_q, b_k, b_v, b_o, is_causal,
+                         key_padding_mask, rope) -> tuple:  # fmt: skip
+    """Check everything ``self_attention`` takes against a valid x of ``shape`` (B, N, D) and ``dtype``; returns the
+    arguments of ``_call.self_attention`` after ``x3``. ``fastattn.forward`` uses it too (its x is made, not given)."""
+    B, N, D = shape
     n_heads = V.positive_int("n_heads", n_heads)
     n_kv_heads = n_heads if n_kv_heads is None else V.positive_int("n_kv_heads", n_kv_heads)
     if n_heads % n_kv_heads:
@@ -440,37 +417,4 @@ def self_attention(
     if key_padding_mask is not None:
         kb = V.key_padding("key_padding_mask", key_padding_mask, dtype, B, N)
         key_bias = np.broadcast_to(kb, (B, N))
-    kern = _backends.kernels(backend)
-    return _attend_projected(
-        kern, x3, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, n_heads, n_kv_heads, is_causal, key_bias, rope, squeeze
-    )
-
-
-def _project_heads(x3, w, b, h):
-    """(B, N, D) @ (D, h·d) (+ b) -> (B, h, N, d), contiguous for the kernels."""
-    y = x3 @ w
-    if b is not None:
-        y += b
-    B, N, hd = y.shape
-    return _contiguous(y.reshape(B, N, h, hd // h).transpose(0, 2, 1, 3))
-
-
-def _attend_projected(
-    kern, x3, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, n_heads, n_kv_heads, is_causal, key_bias, rope, squeeze
-):
-    B, N, _ = x3.shape
-    q = _project_heads(x3, w_q, b_q, n_heads)  # (B, H, N, d)
-    k = _project_heads(x3, w_k, b_k, n_kv_heads)  # (B, Hkv, N, d)
-    v = _project_heads(x3, w_v, b_v, n_kv_heads)  # (B, Hkv, N, dv)
-    if rope is not None:
-        offset, base, interleaved = rope
-        q = _rope(kern, q, offset, base, interleaved)
-        k = _rope(kern, k, offset, base, interleaved)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    o = _run_attention(kern, q, k, v, scale, is_causal, 0, None, key_bias)  # (B, H, N, dv)
-    o = o.transpose(0, 2, 1, 3).reshape(B, N, o.shape[1] * o.shape[3])  # merge heads: (B, N, H·dv)
-    if w_o is not None:
-        o = o @ w_o
-    if b_o is not None:
-        o += b_o
-    return o[0] if squeeze else o
+    return w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, n_heads, n_kv_heads, is_causal, key_bias, rope

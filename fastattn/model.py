@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from . import _backends
+from . import _backends, _call
 from . import _validation as V
-from .functional import self_attention, sinusoidal_positions
+from .functional import _self_attention_args, sinusoidal_positions
 
 __all__ = ["Params", "init_params", "forward"]
 
@@ -117,31 +117,12 @@ def forward(token_ids, params: Params, *, is_causal=False, key_padding_mask=None
         raise ValueError(f"params.positions must have {D} columns, got shape {positions.shape}")
     if N > positions.shape[0]:
         raise ValueError(f"token_ids has {N} tokens but params.positions has only {positions.shape[0]} rows")
+    p = params
+    args = _self_attention_args(  # every check before any work
+        (B, N, D), table.dtype, p.w_q, p.w_k, p.w_v, p.w_o, p.n_heads, p.n_kv_heads, p.b_q, p.b_k, p.b_v, p.b_o,
+        is_causal, key_padding_mask, None,
+    )  # fmt: skip
     kern = _backends.kernels(backend)
-    x = np.empty((B * N, D), dtype=table.dtype)
-    if x.size:
-        kern.gather_add_positions(
-            x,
-            np.ascontiguousarray(ids2.reshape(-1)),
-            np.ascontiguousarray(table),
-            np.ascontiguousarray(positions),
-            N,
-            0,
-        )
-    y = self_attention(
-        x.reshape(B, N, D),
-        params.w_q,
-        params.w_k,
-        params.w_v,
-        params.w_o,
-        n_heads=params.n_heads,
-        n_kv_heads=params.n_kv_heads,
-        b_q=params.b_q,
-        b_k=params.b_k,
-        b_v=params.b_v,
-        b_o=params.b_o,
-        is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
-        backend=backend,
-    )
+    x = _call.gather_add_positions(kern, ids2, table, positions)  # (B, N, D)
+    y = _call.self_attention(kern, x, *args)
     return y[0] if squeeze else y

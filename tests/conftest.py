@@ -50,11 +50,12 @@ def backend_variant(variant):
     if name == "numba":
         from fastattn.kernels import numba
 
-        previous_engine, numba.ENGINE = numba.ENGINE, tiles
+        previous = numba._config.TILES
+        numba.configure(tiles=tiles)
         try:
             yield name
         finally:
-            numba.ENGINE = previous_engine
+            numba.configure(tiles=previous)
         return
     from fastattn.kernels.cython import _attention
 

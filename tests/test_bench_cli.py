@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _backends, _timing, bench
+from fastattn import _backends
+from fastattn.tools import bench
+from fastattn.tools import timing as _timing
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TORCH = _timing.optional_import("torch")[0] is not None
@@ -92,7 +94,7 @@ def run_cli(*argv, cwd, timeout=600):
 def test_parsing_the_arguments_imports_neither_numba_nor_torch():
     code = (
         "import argparse, sys\n"
-        "from fastattn import __main__, bench, profile\n"
+        "from fastattn import __main__\nfrom fastattn.tools import bench, profile\n"
         "for m in (bench, profile):\n"
         "    m.add_arguments(argparse.ArgumentParser())\n"
         "try:\n"

@@ -85,10 +85,15 @@ def test_cython_thread_count_reaches_every_extension_whenever_loaded():
 
 @pytest.mark.parametrize(
     "variable,backend",
-    [("FASTATTN_NUMBA_ENGINE", "numba"), pytest.param("FASTATTN_CYTHON_TILES", "cython", marks=needs_build)],
+    [
+        ("FASTATTN_TILES", "numba"),
+        pytest.param("FASTATTN_TILES", "cython", marks=needs_build),
+        pytest.param("FASTATTN_CYTHON_ISA", "cython", marks=needs_build),
+        pytest.param("FASTATTN_CYTHON_BLAS", "cython", marks=needs_build),
+    ],
 )
-def test_a_bad_tile_product_setting_makes_the_backend_unavailable_with_the_reason(variable, backend):
-    """A typo in the variable that picks a backend's tile products is neither ignored nor a crash: asking for that
+def test_a_bad_setting_makes_the_backend_unavailable_with_the_reason(variable, backend):
+    """A typo in a backend's setting is neither ignored nor a crash, the same way for every setting: asking for that
     backend raises a ValueError naming the variable, backend_status() says it, the automatic choice moves on."""
     code = (
         "import numpy as np, fastattn\n"

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _backends, _timing, profile
+from fastattn import _backends
+from fastattn.tools import profile
+from fastattn.tools import timing as _timing
 
 SMALL = ["--batch", "2", "--seq-len", "96", "--d-model", "96", "--heads", "4", "--vocab", "500", "--threads", "1"]
 STAGE_NAMES = [

@@ -1,4 +1,4 @@
-"""What the encoder and the decoder share: input checks, activation choice, masks as key biases, the attention call.
+"""What the encoder and the decoder share: input checks, activation choice, masks as key biases, thread choice.
 
 The models call the backends' raw kernels directly (the attention kernel of kernels/README.md and the block kernels
 of ``fastattn._numpy_blocks``), on arrays they allocated themselves: C-contiguous, one dtype.
@@ -7,11 +7,10 @@ of ``fastattn._numpy_blocks``), on arrays they allocated themselves: C-contiguou
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import numpy as np
 
-from .. import _backends
+from .. import _backends, _threads
 from .. import _validation as V
 from ._checkpoint import CheckpointError
 
@@ -77,40 +76,15 @@ def key_bias(keep: np.ndarray | None, dtype) -> np.ndarray | None:
     return np.ascontiguousarray(np.where(keep, 0.0, -np.inf), dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _absent(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only zero-stride stand-in for an absent mask (kernels never read it); shared, as it cannot change."""
-    return np.broadcast_to(np.zeros((1,) * len(shape), dtype), shape)
-
-
-def attend(kern, out, q, k, v, scale: float, causal: bool, causal_offset: int, bias) -> None:
-    """out (B, H, L, d) = softmax(scale q kᵀ + masks) v with the backend's fused kernel; masks as structure."""
-    B, H, L, _ = q.shape
-    S = k.shape[2]
-    mask = _absent(q.dtype, (B, H, L, S))
-    has_bias = bias is not None
-    if not has_bias:
-        bias = _absent(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, False, bias, has_bias)
-
-
 #: Below this many elements in a step's widest activation (tokens x width), the kernels run on one thread: waking a
 #: thread pool costs more than the work (a decode step of one token per sequence), and on a busy machine a woken
 #: thread may wait a whole time slice for a core.
 SERIAL_BELOW = 1 << 16
 
 
-@contextlib.contextmanager
 def threads_for(work: int, *modules):
-    """Run the kernels of ``modules`` on one thread inside the block when ``work < SERIAL_BELOW``."""
+    """Run the kernels of ``modules`` launched from this thread on one thread inside the block when
+    ``work < SERIAL_BELOW``. Only the calling thread is affected: concurrent calls elsewhere keep their count."""
     if work >= SERIAL_BELOW:
-        yield
-        return
-    saved = [(m, m.get_num_threads()) for m in dict.fromkeys(modules) if hasattr(m, "set_num_threads")]
-    for m, _ in saved:
-        m.set_num_threads(1)
-    try:
-        yield
-    finally:
-        for m, n in saved:
-            m.set_num_threads(n)
+        return contextlib.nullcontext()
+    return _threads.local_threads(1, *modules)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _call
 from .. import _validation as V
 from . import _ops
 from ._checkpoint import CheckpointError, TensorStore, config_value, read_config, read_json
@@ -366,7 +367,7 @@ class BertModel:
         for layer in w["layers"] if T else ():
             np.matmul(x, layer.w_qkv, out=qkv)  # (T, 3D)
             blk.split_qkv(q, k, v, qkv.reshape(B, N, 3 * D), layer.b_qkv, 0)  # (B, H, N, d) each
-            _ops.attend(kern, o, q, k, v, scale, False, 0, bias)  # (B, H, N, d)
+            _call.attention_into(kern, o, q, k, v, scale, False, 0, None, bias)  # (B, H, N, d)
             blk.merge_heads(ctx.reshape(B, N, D), o)  # (T, D)
             np.matmul(ctx, layer.w_o, out=proj)
             blk.bias_residual_layer_norm(h, proj, layer.b_o, x, layer.ln1_g, layer.ln1_b, eps)

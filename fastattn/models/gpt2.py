@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _call
 from .. import _validation as V
 from . import _ops
 from ._checkpoint import CheckpointError, TensorStore, config_value, read_config
@@ -408,7 +409,7 @@ class GPT2Model:
             keys, values = cache.keys[i], cache.values[i]  # (B, H, capacity, d) each
             np.matmul(a, layer.w_attn, out=qkv)  # (T, 3D)
             blk.split_qkv(q, keys, values, qkv.reshape(B, L, 3 * D), layer.b_attn, t)
-            _ops.attend(kern, o, q, keys, values, layer.scale, True, t, bias)  # key j <= t + i
+            _call.attention_into(kern, o, q, keys, values, layer.scale, True, t, None, bias)  # key j <= t + i
             blk.merge_heads(ctx.reshape(B, L, D), o)
             np.matmul(ctx, layer.w_proj, out=proj)
             blk.bias_residual_and_layer_norm(h, a, proj, layer.b_proj, h, layer.ln2_g, layer.ln2_b, eps)

@@ -8,15 +8,19 @@ Threads: ``set_num_threads(n)`` sets the threads of every parallel loop of this 
 (``OMP_NUM_THREADS``, else all cores).
 
 Builds: each extension (``_attention``, ``_embedding``, ``_blocks``) also exists as ``<name>_avx2`` and
-``<name>_avx512`` on x86-64 (see setup.py); the widest one this CPU runs is used, ``isa()`` says which.
-``FASTATTN_CYTHON_ISA=baseline|avx2|avx512`` caps the choice (for tests and comparisons).
+``<name>_avx512`` on x86-64 (see setup.py); ``configure(isa=...)`` loads the widest one this CPU runs up to the cap
+(``FASTATTN_CYTHON_ISA``, read by fastattn's settings module), ``isa()`` says which.
 
 Tile products: the attention kernels multiply their tiles (Q·Kᵀ, P·V) with a register-blocked micro-kernel in C
-(``_tile_gemm.h``, the default), with SciPy's BLAS, or with plain loops (the readable reference).
-``FASTATTN_CYTHON_TILES=micro|blas|loops`` picks one at import; ``tile_products()`` says which and how.
+(``_tile_gemm.h``, the default), with SciPy's BLAS, or with plain loops (the readable reference):
+``configure(tiles=...)`` (``FASTATTN_TILES=micro|blas|loops``); ``tile_products()`` says which and how.
 BLAS is loaded on the first large call and runs one thread per kernel thread (``blas_status()`` says how,
-``FASTATTN_CYTHON_BLAS=0`` turns it off); loading it sets SciPy's OpenBLAS to one thread for the whole process, for
+``configure(blas=False)`` turns it off); loading it sets SciPy's OpenBLAS to one thread for the whole process, for
 good (see ``_blas.py``): ``scipy.linalg`` then runs single-threaded too, as after the Numba backend's first BLAS use.
+
+The kernels exported here are the pipeline rows of ``fastattn._optable.OPS``, bound from whichever extension
+defines each; the block kernels are in ``blocks.py``. Nothing here reads the environment: the registry
+(``fastattn._backends``) calls ``configure`` with the settings' values before handing this module out.
 """
 
 from __future__ import annotations
@@ -27,25 +31,26 @@ import importlib.machinery
 import operator
 import os
 
-KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
-_EXTENSIONS = ("_attention", "_embedding")
+from ..._optable import PIPELINE, of_families
+from . import _blas
+
+_EXTENSIONS = ("_attention", "_embedding")  # the pipeline's extensions (blocks.py loads _blocks)
 _ISA_ORDER = ("avx512", "avx2")  # widest first
 
 UNAVAILABLE_REASON: str | None = None
 _isa = "baseline"
+_isa_cap = _ISA_ORDER[0]
 
-
-_loaded: list = []  # the extension modules in use (one build of each), which set_num_threads reaches
-_threads: int | None = None  # the count set_num_threads set last (None: OpenMP's default)
+_loaded: dict = {}  # extension name -> the build in use, which set_num_threads reaches
+_threads: int | None = None  # the process-wide count fastattn._threads set last (None: OpenMP's default)
 
 
 def _widest_build(name: str):
-    """The module `name`, or its widest ISA build that this CPU runs and FASTATTN_CYTHON_ISA allows; it runs on the
-    thread count set_num_threads set last."""
+    """The build of extension `name` to use: the widest that this CPU runs, up to the ISA cap of ``configure``;
+    it runs on the thread count set last. Returns (module, isa)."""
     base = importlib.import_module(f"{__name__}.{name}")
     module, isa = base, "baseline"
-    cap = os.environ.get("FASTATTN_CYTHON_ISA", "").strip().lower() or _ISA_ORDER[0]
-    allowed = _ISA_ORDER[_ISA_ORDER.index(cap) :] if cap in _ISA_ORDER else ()
+    allowed = _ISA_ORDER[_ISA_ORDER.index(_isa_cap) :] if _isa_cap in _ISA_ORDER else ()
     for wanted in allowed:
         if base.cpu_supports(wanted):
             try:
@@ -55,13 +60,28 @@ def _widest_build(name: str):
                 continue
     if _threads is not None:
         module._set_num_threads(_threads)
-    _loaded.append(module)
+    _loaded[name] = module
     return module, isa
 
 
+def _bind() -> None:
+    """Load the builds and bind every pipeline kernel of the table from the extension that defines it."""
+    global _isa
+    builds = {}
+    for name in _EXTENSIONS:
+        builds[name], isa = _widest_build(name)
+        if name == "_attention":
+            _isa = isa
+    for op in of_families(PIPELINE):
+        owner = next((m for m in builds.values() if hasattr(m, op.name)), None)
+        if owner is not None:
+            globals()[op.name] = getattr(owner, op.name)
+    globals()["blas_status"] = builds["_attention"].blas_status
+    globals()["tile_products"] = builds["_attention"].tile_products
+
+
 try:
-    _attention, _isa = _widest_build("_attention")
-    _embedding, _ = _widest_build("_embedding")
+    _bind()
 except ImportError as _exc:
     _here = os.path.dirname(os.path.abspath(__file__))
     _built = [
@@ -85,28 +105,30 @@ except ImportError as _exc:
         kernel.__name__ = kernel.__qualname__ = name
         return kernel
 
-    for _name in KERNELS + ("blas_status", "tile_products"):
+    for _name in [op.name for op in of_families(PIPELINE)] + ["blas_status", "tile_products"]:
         globals()[_name] = _unavailable(_name)
     del _name
-    _attention = _embedding = None
-else:
-    attention = _attention.attention
-    scores = _attention.scores
-    softmax = _attention.softmax
-    weighted_sum = _attention.weighted_sum
-    blas_status = _attention.blas_status
-    tile_products = _attention.tile_products
-    _tiles = os.environ.get("FASTATTN_CYTHON_TILES", "").strip().lower()
-    if _tiles:
-        try:
-            _attention._set_tile_products(_tiles)
-        except ValueError as _exc:
-            raise ValueError(f"FASTATTN_CYTHON_TILES: {_exc}") from None
-    del _tiles
-    gather = _embedding.gather
-    gather_add_positions = _embedding.gather_add_positions
-    add_positions = _embedding.add_positions
-    rope = _embedding.rope
+
+
+def configure(*, isa: str = "avx512", tiles: str = "micro", blas: bool = True) -> None:
+    """Values of fastattn's settings: the widest ISA build allowed, the tile products, whether BLAS may load.
+
+    Raises ValueError for a value this backend cannot take (the registry names the setting in its message).
+    """
+    global _isa_cap
+    if UNAVAILABLE_REASON is not None:
+        return
+    if isa not in ("baseline",) + _ISA_ORDER:
+        raise ValueError(f"isa must be one of baseline, {', '.join(_ISA_ORDER)}, got {isa!r}")
+    _blas.ALLOWED = bool(blas)
+    if isa != _isa_cap:
+        _isa_cap = isa
+        _bind()
+        if "_blocks" in _loaded:  # blocks.py loaded already: it follows the new cap
+            from . import blocks
+
+            blocks._rebind()
+    _loaded["_attention"]._set_tile_products(tiles)
 
 
 def isa() -> str:
@@ -116,25 +138,40 @@ def isa() -> str:
 
 def openmp_enabled() -> bool:
     """True when the extensions were compiled with OpenMP (False: serial kernels, or not built at all)."""
-    return UNAVAILABLE_REASON is None and _attention.openmp_enabled()
+    return UNAVAILABLE_REASON is None and _loaded["_attention"].openmp_enabled()
 
 
 def get_num_threads() -> int:
     """Threads the parallel loops of this backend use (1 without OpenMP)."""
     if UNAVAILABLE_REASON is not None:
         return 1
-    return _attention.get_num_threads()
+    return _loaded["_attention"].get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads (>= 1) in every kernel of this backend from now on (no effect without OpenMP)."""
     global _threads
+    count = _count("set_num_threads", n)
+    _threads = count
+    for module in _loaded.values():
+        module._set_num_threads(count)
+
+
+def set_local_threads(n: int | None):
+    """Run the kernels launched from the calling thread only on ``n`` threads (None: back to the process-wide
+    count). Other Python threads are not affected. Returns the previous override (None if there was none)."""
+    count = 0 if n is None else _count("set_local_threads", n)
+    previous = 0
+    for module in _loaded.values():  # all extensions share the override
+        previous = module._set_local_threads(count)
+    return previous or None
+
+
+def _count(where: str, n) -> int:
     try:
         count = operator.index(n)
     except TypeError:
         count = 0
     if isinstance(n, bool) or count < 1:
-        raise ValueError(f"set_num_threads needs an int >= 1, got: {n!r}")
-    _threads = count
-    for module in _loaded:  # a call per extension: cheap enough to run around every small call (models' decoding)
-        module._set_num_threads(count)
+        raise ValueError(f"{where} needs an int >= 1, got: {n!r}")
+    return count

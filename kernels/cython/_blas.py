@@ -35,10 +35,14 @@ _SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads")
 _GETTERS = ("openblas_get_num_threads", "scipy_openblas_get_num_threads")
 
 
+#: Whether BLAS may be loaded at all: ``configure(blas=...)`` of the package sets it (``FASTATTN_CYTHON_BLAS``).
+ALLOWED = True
+
+
 def disabled_reason() -> str | None:
-    """Why BLAS must not be used (the ``FASTATTN_CYTHON_BLAS=0`` switch), else None."""
-    if os.environ.get("FASTATTN_CYTHON_BLAS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "FASTATTN_CYTHON_BLAS=0 turned BLAS off"
+    """Why BLAS must not be used (turned off by ``FASTATTN_CYTHON_BLAS=off``), else None."""
+    if not ALLOWED:
+        return "FASTATTN_CYTHON_BLAS=off turned BLAS off"
     return None
 
 

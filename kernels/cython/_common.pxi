@@ -46,18 +46,46 @@ cdef extern from *:
     int fa_cpu_supports(int isa) noexcept nogil
 
 
-# What every extension exports about itself: its thread count (fastattn.set_num_threads reaches each loaded
-# extension through _set_num_threads), whether it was built with OpenMP, and whether this CPU runs an ISA build.
-cdef int _n_threads = fa_omp_max_threads()
+# What every extension exports about itself: its thread count, whether it was built with OpenMP, and whether this
+# CPU runs an ISA build. The count lives in C: one process-wide value (fastattn._threads, the one owner, sets it in
+# every loaded extension through _set_num_threads) and a per-OS-thread override (_set_local_threads: fastattn.models
+# runs a small decode step on one thread in the calling Python thread only, without touching other threads' calls).
+# Every prange reads `_n_threads`, which is that C expression.
+cdef extern from *:
+    """
+    #if defined(_MSC_VER)
+    #define FA_THREAD_LOCAL __declspec(thread)
+    #else
+    #define FA_THREAD_LOCAL __thread
+    #endif
+    static int fa_threads_global = 0;              /* 0 until set: OpenMP's default */
+    static FA_THREAD_LOCAL int fa_threads_local = 0; /* 0: no override in this thread */
+    static int fa_threads_now(void) {
+        if (fa_threads_local > 0) return fa_threads_local;
+        return fa_threads_global > 0 ? fa_threads_global : fa_omp_max_threads();
+    }
+    """
+    int fa_threads_global
+    int fa_threads_local
+    int _n_threads "fa_threads_now()"
 
 
 def _set_num_threads(int n):
-    global _n_threads
-    _n_threads = n
+    """The process-wide count of this extension's parallel loops (fastattn._threads calls it)."""
+    global fa_threads_global
+    fa_threads_global = n
+
+
+def _set_local_threads(int n):
+    """A count for loops launched from the calling thread only; 0 clears it. Returns the previous override."""
+    global fa_threads_local
+    previous = fa_threads_local
+    fa_threads_local = n
+    return previous
 
 
 def get_num_threads():
-    """Threads of this extension's parallel loops (1 when it was built without OpenMP)."""
+    """Threads of this extension's parallel loops in the calling thread (1 when built without OpenMP)."""
     return _n_threads if FA_OPENMP_ENABLED else 1
 
 

@@ -8,45 +8,32 @@ raises ``ImportError`` saying why, and the registry reports that the ``cython`` 
 
 from __future__ import annotations
 
-import operator
+from ..._optable import of_families
+from . import _widest_build
+
+
+def _rebind() -> None:
+    """Bind every block kernel of the table from the build in use (again after the package's ISA cap changed)."""
+    global _blocks, ISA
+    _blocks, ISA = _widest_build("_blocks")  # _blocks_avx512, _blocks_avx2 or _blocks (the package's ISA cap)
+    for op in of_families(("blocks",)):
+        if hasattr(_blocks, op.name):  # one it lacks is reported by the registry's completeness check
+            globals()[op.name] = getattr(_blocks, op.name)
+
 
 try:
-    from . import _widest_build
-
-    _blocks, ISA = _widest_build("_blocks")  # _blocks_avx512, _blocks_avx2 or _blocks (FASTATTN_CYTHON_ISA caps it)
+    _rebind()
 except ImportError as exc:  # not built, or built for another Python: say so once, clearly
     raise ImportError(
         f"the Cython block kernels (fastattn.kernels.cython._blocks) are not available: {exc}; "
         "reinstall fastattn with Cython and a C compiler to build them"
     ) from exc
-
-embedding = _blocks.embedding
-layer_norm = _blocks.layer_norm
-gelu = _blocks.gelu
-gelu_tanh = _blocks.gelu_tanh
-bias_gelu = _blocks.bias_gelu
-bias_gelu_tanh = _blocks.bias_gelu_tanh
-bias_residual = _blocks.bias_residual
-bias_residual_layer_norm = _blocks.bias_residual_layer_norm
-bias_residual_and_layer_norm = _blocks.bias_residual_and_layer_norm
-split_qkv = _blocks.split_qkv
-merge_heads = _blocks.merge_heads
 openmp_enabled = _blocks.openmp_enabled
 
-__all__ = [
-    "embedding",
-    "layer_norm",
-    "gelu",
-    "gelu_tanh",
-    "bias_gelu",
-    "bias_gelu_tanh",
-    "bias_residual",
-    "bias_residual_layer_norm",
-    "bias_residual_and_layer_norm",
-    "split_qkv",
-    "merge_heads",
+__all__ = [op.name for op in of_families(("blocks",))] + [
     "get_num_threads",
     "set_num_threads",
+    "set_local_threads",
     "openmp_enabled",
     "ISA",
 ]
@@ -58,11 +45,14 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads (>= 1) in every block kernel from now on (no effect without OpenMP)."""
-    try:
-        count = operator.index(n)
-    except TypeError:
-        count = 0
-    if isinstance(n, bool) or count < 1:
-        raise ValueError(f"set_num_threads needs an int >= 1, got: {n!r}")
-    _blocks._set_num_threads(count)
+    """Use ``n`` threads (>= 1) in every kernel of the Cython backend from now on (no effect without OpenMP)."""
+    from . import set_num_threads as set_all
+
+    set_all(n)
+
+
+def set_local_threads(n: int | None):
+    """The calling thread's override, shared with the attention kernels (see the package's ``set_local_threads``)."""
+    from . import set_local_threads as set_local
+
+    return set_local(n)

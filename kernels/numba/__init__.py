@@ -1,8 +1,8 @@
 """The Numba backend: ``@njit(parallel=True)`` kernels behind the raw contract of ``kernels/README.md``.
 
 Importing this package imports Numba but compiles nothing: each kernel compiles on its first call for the types it
-meets, and the machine code is cached on disk (``cache=True``), so a later process only loads it. ``warmup()``
-compiles ahead of time for the common dtypes and layouts.
+meets, and the machine code is cached on disk (``cache=True``), so a later process only loads it. ``fastattn.warmup()``
+compiles ahead of time for the common dtypes and layouts (through the call layer, as the API calls).
 
 Each public name is a thin Python function with exactly the contract's signature. It normalises its arguments so
 that one compiled variant per dtype serves every caller (``scale`` becomes the arrays' dtype, flags ``bool``,
@@ -40,7 +40,8 @@ __all__ = [
     "attention",
     "get_num_threads",
     "set_num_threads",
-    "warmup",
+    "set_local_threads",
+    "configure",
     "blas_info",
     "FASTMATH",
 ]
@@ -49,9 +50,8 @@ __all__ = [
 BLOCK_Q = 192
 BLOCK_K = 384
 
-#: Fused engine: "tiled" (register-blocked tile products, the fast one), "blas" (np.dot tiles through SciPy's
-#: BLAS, needs SciPy) or "loops" (plain loops, the readable one). ``FASTATTN_NUMBA_ENGINE`` overrides.
-ENGINE = _config.ENGINE
+configure = _config.configure
+set_local_threads = _config.set_local_threads
 
 
 def _ro(a):
@@ -105,8 +105,21 @@ def scores(out, q, k, scale, causal, causal_offset, mask, has_mask, key_bias, ha
     _config.use_num_threads()
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
-    _config.launch(_stages.scores, out, _ro(q), _ro(k), out.dtype.type(scale), bool(causal), int(causal_offset),
-                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias))
+    _config.launch(
+        _stages.scores,
+        out,
+        _ro(q),
+        _ro(k),
+        out.dtype.type(scale),
+        bool(causal),
+        int(causal_offset),
+        mask,
+        mst,
+        bool(has_mask),
+        key_bias,
+        kst,
+        bool(has_key_bias),
+    )
 
 
 def softmax(out, s):
@@ -124,47 +137,33 @@ def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bi
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
     kernel = _fused_kernel()
-    _config.launch(kernel, out, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
-                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K, n_threads)
+    _config.launch(
+        kernel,
+        out,
+        _ro(q),
+        _ro(k),
+        _ro(v),
+        out.dtype.type(scale),
+        bool(causal),
+        int(causal_offset),
+        mask,
+        mst,
+        bool(has_mask),
+        key_bias,
+        kst,
+        bool(has_key_bias),
+        BLOCK_Q,
+        BLOCK_K,
+        n_threads,
+    )
 
 
 def _fused_kernel():
-    """The engine ``ENGINE`` names: "tiled" (default), "blas" (SciPy's BLAS made single-threaded once) or "loops"."""
-    if ENGINE == "tiled":
+    """The engine of the tile products ``configure`` chose: "micro" (default), "blas" (SciPy's BLAS made
+    single-threaded once) or "loops"."""
+    if _config.TILES == "micro":
         return _fused.attention_tiled
-    if ENGINE == "blas":
+    if _config.TILES == "blas":
         _config.limit_scipy_blas_threads()
         return _fused.attention_blas
     return _fused.attention_loops
-
-
-def warmup(dtypes=("float32", "float64")):
-    """Compile (or load from the disk cache) every kernel for ``dtypes``, with contiguous and broadcast masks.
-
-    Runs each kernel once on tiny arrays (the fused one with the engine in use); returns nothing. Call it at start-up
-    to move compilation off the first real call: a cold compile of everything takes about a minute, loading it
-    from the cache well under a second.
-    """
-    for name in dtypes:
-        dt = np.dtype(name)
-        B, H, L, E, V, D = 1, 2, 3, 4, 5, 6
-        ids = np.zeros(2 * L, dtype=np.int64)
-        table = np.zeros((V, D), dt)
-        pos = np.zeros((L, D), dt)
-        gather(np.empty((2 * L, D), dt), ids, table)
-        gather_add_positions(np.empty((2 * L, D), dt), ids, table, pos, L, 0)
-        x = np.zeros((B, L, D), dt)
-        add_positions(np.empty_like(x), x, pos, 0)
-        cs = np.zeros((L, D // 2), dt)
-        rope(np.empty_like(x), x, cs, cs, False)
-        q = np.zeros((B, H, L, E), dt)
-        kv = np.zeros((B, 1, L, E), dt)
-        masks = [np.broadcast_to(np.zeros((1, 1, 1, 1), dt), (B, H, L, L)), np.zeros((B, H, L, L), dt)]
-        biases = [np.broadcast_to(np.zeros((1, 1), dt), (B, L)), np.zeros((B, L), dt)]
-        for mask in masks:
-            for bias in biases:
-                s = np.empty((B, H, L, L), dt)
-                scores(s, q, kv, 1.0, True, 0, mask, True, bias, True)
-                attention(np.empty_like(q), q, kv, kv, 1.0, True, 0, mask, True, bias, True)
-        softmax(s.reshape(-1, L), s.reshape(-1, L))
-        weighted_sum(np.empty_like(q), s, kv)

@@ -8,10 +8,12 @@ This is the one place that decides
   user did not set ``NUMBA_CACHE_DIR``, we point it at ``~/.cache/fastattn/numba`` (or ``$XDG_CACHE_HOME``).
   This must happen before ``numba`` is first imported, which is why ``__init__`` imports this module first.
 - how many threads the kernels use (``get_num_threads`` / ``set_num_threads``: process-wide, bounded by
-  ``NUMBA_NUM_THREADS``; ``use_num_threads`` applies it in the calling thread) and how kernels are launched
-  (``launch``: serialised when Numba fell back to its non-thread-safe "workqueue" layer).
-- which fused attention engine runs (``ENGINE``, ``FASTATTN_NUMBA_ENGINE``); for the optional "blas" engine, that
-  SciPy's BLAS runs single-threaded, so that it does not oversubscribe the cores inside our ``prange``.
+  ``NUMBA_NUM_THREADS``, set by fastattn._threads, the one owner; ``set_local_threads``: an override for the calling
+  Python thread only; ``use_num_threads`` applies the right one in the calling thread before each launch) and how
+  kernels are launched (``launch``: serialised when Numba fell back to its non-thread-safe "workqueue" layer).
+- which tile products the fused attention uses (``TILES``, set by ``configure``: the registry passes the value of
+  ``FASTATTN_TILES``; this module never reads fastattn's settings from the environment); for the optional "blas"
+  tiles, that SciPy's BLAS runs single-threaded, so that it does not oversubscribe the cores inside our ``prange``.
 """
 
 from __future__ import annotations
@@ -48,24 +50,35 @@ HELPER = {"cache": True, "fastmath": FASTMATH}
 
 # Numba's thread count is per Python thread; ours is process-wide: set_num_threads records it here and every kernel
 # wrapper applies it in the thread that calls it (use_num_threads). None: Numba's own setting (NUMBA_NUM_THREADS).
+# A thread may override it for its own launches (set_local_threads: fastattn.models runs small decode steps on one
+# thread that way, without changing what concurrent calls from other threads use).
 _threads = {"n": None}
+_local = threading.local()
 
 
 def get_num_threads() -> int:
-    """Number of threads the Numba kernels use (process-wide once ``set_num_threads`` was called)."""
-    n = _threads["n"]
+    """Number of threads the Numba kernels use in the calling thread."""
+    n = getattr(_local, "n", None) or _threads["n"]
     return numba.get_num_threads() if n is None else n
 
 
 def use_num_threads() -> int:
-    """Apply the process-wide thread count in the calling Python thread; return it. Every kernel wrapper calls this."""
-    n = _threads["n"]
+    """Apply the calling thread's count (its override, else the process-wide one); return it. Every kernel wrapper
+    calls this before it launches."""
+    n = getattr(_local, "n", None) or _threads["n"]
     if n is None:
         return numba.get_num_threads()
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
-    _threads["n"] = n
     return n
+
+
+def set_local_threads(n: int | None):
+    """Launch the calling thread's kernels on ``n`` threads (None: the process-wide count again); returns the
+    previous override. Other Python threads are not affected."""
+    previous = getattr(_local, "n", None)
+    _local.n = None if n is None else _checked_count(n)
+    return previous
 
 
 # Numba's "workqueue" threading layer (used when neither TBB nor OpenMP loads) aborts the interpreter when two
@@ -93,6 +106,12 @@ def set_num_threads(n: int) -> None:
 
     1 <= n <= ``NUMBA_NUM_THREADS`` (the number of cores unless that environment variable says otherwise).
     """
+    n = _checked_count(n)
+    numba.set_num_threads(n)
+    _threads["n"] = n
+
+
+def _checked_count(n) -> int:
     n_max = numba.config.NUMBA_NUM_THREADS
     try:
         n = operator.index(n)
@@ -105,8 +124,7 @@ def set_num_threads(n: int) -> None:
             f"set_num_threads expects n <= NUMBA_NUM_THREADS={n_max}, got: n={n}; "
             "set the environment variable NUMBA_NUM_THREADS before starting Python to allow more"
         )
-    numba.set_num_threads(n)
-    _threads["n"] = n
+    return n
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,14 +133,21 @@ def set_num_threads(n: int) -> None:
 #: ``np.dot`` inside ``@njit`` needs SciPy (Numba calls ``scipy.linalg.cython_blas``). Probed, not imported.
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 
-#: The fused attention engine (see ``attention_fused.py``); ``FASTATTN_NUMBA_ENGINE`` chooses another. A value that
-#: cannot run is an error at import, which leaves the backend unavailable with the reason (``backend_status()``).
-ENGINES = ("tiled", "blas", "loops")
-ENGINE = os.environ.get("FASTATTN_NUMBA_ENGINE", "").strip().lower() or "tiled"
-if ENGINE not in ENGINES:
-    raise ValueError(f"FASTATTN_NUMBA_ENGINE must be one of {', '.join(ENGINES)}, got {ENGINE!r}")
-if ENGINE == "blas" and not HAVE_SCIPY:
-    raise ValueError("FASTATTN_NUMBA_ENGINE=blas needs SciPy (Numba's np.dot calls its BLAS); install scipy")
+#: The tile products of the fused attention (see ``attention_fused.py``): "micro" (the register-blocked micro-kernel
+#: of ``_gemm.py``), "blas" or "loops". ``configure`` sets it.
+TILE_PRODUCTS = ("micro", "blas", "loops")
+TILES = "micro"
+
+
+def configure(*, tiles: str = "micro") -> None:
+    """Values of fastattn's settings (``FASTATTN_TILES``). Raises ValueError for a value that cannot run here."""
+    global TILES
+    if tiles not in TILE_PRODUCTS:
+        raise ValueError(f"tile products must be one of {', '.join(TILE_PRODUCTS)}, got {tiles!r}")
+    if tiles == "blas" and not HAVE_SCIPY:
+        raise ValueError("blas tiles need SciPy (Numba's np.dot calls its BLAS); install scipy")
+    TILES = tiles
+
 
 _blas_state = {"limited": False, "how": "not yet"}
 
@@ -172,8 +197,12 @@ def _limit_openblas_ctypes(scipy_dir: str) -> str | None:
             lib = ctypes.CDLL(path)  # already loaded: this returns the same handle
         except OSError:
             continue
-        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads",
-                     "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
+        for name in (
+            "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads",
+            "scipy_openblas_set_num_threads64_",
+            "openblas_set_num_threads64_",
+        ):
             fn = getattr(lib, name, None)
             if fn is not None:
                 fn.argtypes = [ctypes.c_int]
@@ -185,7 +214,7 @@ def _limit_openblas_ctypes(scipy_dir: str) -> str | None:
 def blas_info() -> dict:
     """How the fused attention computes its tile products (for diagnostics and benchmark reports)."""
     return {
-        "engine": ENGINE,
+        "tiles": TILES,
         "scipy": HAVE_SCIPY,
         "threads": _blas_state["how"],
     }

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ._config import HELPER, PARALLEL, get_num_threads, set_num_threads
+from ._config import HELPER, PARALLEL, get_num_threads, set_local_threads, set_num_threads
 from ._math import fast_exp
 
 # NumPy's error model: a float division by zero gives inf/nan instead of raising ZeroDivisionError. Python's model
@@ -53,6 +53,7 @@ __all__ = [
     "merge_heads",
     "get_num_threads",
     "set_num_threads",
+    "set_local_threads",
     "warmup",
 ]
 

@@ -2,7 +2,7 @@
 
 For each point of a fixed grid (a shape, a dtype, a mask) every contender is built on the same seeded data, called
 once (its first call, compile included, reported apart), then timed in interleaved rounds, one sample each per
-round (``fastattn._timing.run_interleaved``), so that machine drift hits them alike. The attention oracle alone is
+round (``fastattn.tools.timing.run_interleaved``), so that machine drift hits them alike. The attention oracle alone is
 timed in a phase of its own just before the others at the same point: its N² memory traffic slows whatever runs
 next to it. Each contender's first result
 is checked against the reference of its point (the oracle, else PyTorch, else the first contender).
@@ -211,14 +211,13 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
 
     import numpy as np
 
-    from . import _timing, oracle
+    from .. import _call, oracle
+    from . import timing as _timing
 
     B, H, d = s["batch"], s["heads"], s["head_dim"]
     rng = np.random.default_rng(s["seed"])
     q, k, v = (rng.standard_normal((B, H, n, d), dtype=np.float64).astype(dtype) for _ in range(3))
     scale = 1.0 / math.sqrt(d)
-    no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (B, H, n, n))
-    no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, n))
     contenders = []
     C = _timing.Contender
 
@@ -242,7 +241,7 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
         out = np.zeros((B, H, n, d), dtype=dtype)
 
         def fused(kern=kern, out=out):
-            kern.attention(out, q, k, v, scale, causal, 0, no_mask, False, no_bias, False)
+            _call.attention_into(kern, out, q, k, v, scale, causal, 0)
             return out
 
         contenders.append(C(f"{name} fused", fused, {"kind": "fused", "backend": name}))
@@ -252,7 +251,7 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
             o = np.zeros((B, H, n, d), dtype=dtype)
 
             def stages(kern=kern, scores=scores, rows=rows, o=o):
-                kern.scores(scores, q, k, scale, causal, 0, no_mask, False, no_bias, False)
+                _call.scores_into(kern, scores, q, k, scale, causal, 0)
                 kern.softmax(rows, rows)
                 kern.weighted_sum(o, scores, v)
                 return o
@@ -275,7 +274,7 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
 def _embedding_point(s, dtype, tokens, backends, torch, kernels):
     import numpy as np
 
-    from . import _timing
+    from . import timing as _timing
 
     V, D = s["vocab"], s["d_model"]
     rng = np.random.default_rng(s["seed"])
@@ -416,7 +415,7 @@ def describe_run(doc: dict) -> list[str]:
 
 def _sections(records: list[dict], peaks: dict):
     """(title lines, column heads, rows of cells) per family, dtype and mask, rows by size then contender."""
-    from ._timing import format_rate, format_ratio, format_seconds
+    from .timing import format_rate, format_ratio, format_seconds
 
     sections: dict = {}
     for r in records:
@@ -506,7 +505,7 @@ def format_table(records: list[dict], peaks: dict, *, markdown: bool = False) ->
 def write_plot(records: list[dict], path: str, peaks: dict | None = None, title: str | None = None) -> str | None:
     """A PNG of GFLOP/s against N per contender, one panel per dtype and mask (full, then causal), with the measured
     matrix-multiply peak as a dotted line. Returns None (and writes nothing) without matplotlib."""
-    from ._timing import optional_import
+    from .timing import optional_import
 
     mpl, _ = optional_import("matplotlib")
     if mpl is None:
@@ -566,8 +565,8 @@ def _default_json_path() -> str:
 # --------------------------------------------------------------------------------------------------------------
 def _compiled_kernels(wanted, say) -> dict:
     """name -> kernel module for each wanted compiled backend that imports; the others are reported and left out."""
-    from . import _backends
-    from ._timing import backend_reasons
+    from .. import _backends
+    from .timing import backend_reasons
 
     status = backend_reasons(wanted)
     found = {}
@@ -578,7 +577,7 @@ def _compiled_kernels(wanted, say) -> dict:
         try:
             found[name] = _backends.kernels(name)
         except Exception as exc:
-            from ._timing import first_use_error
+            from .timing import first_use_error
 
             say(f"bench: skipping backend {name}: it raised on first use: {first_use_error(exc)}")
     return found
@@ -619,7 +618,8 @@ def _from_json(args) -> int:
 def run(args) -> int:
     import numpy as np
 
-    from . import _backends, _timing
+    from .. import _backends
+    from . import timing as _timing
 
     if args.from_json:
         return _from_json(args)

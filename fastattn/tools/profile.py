@@ -2,7 +2,7 @@
 
 The stage pipeline is the forward pass with every step a separate call, made exactly as ``fastattn.forward`` makes
 it (the backend's raw kernels on the same arrays; projections as NumPy ``x @ w`` with the heads split by
-``fastattn.functional._project_heads``):
+``fastattn._call.project_heads``, through the call layer like every other caller):
 
     embed          gather            ids (B, N) -> X (B·N, D)                      GB/s
     positions      add_positions     X + P[:N] -> (B, N, D)                        GB/s
@@ -141,7 +141,7 @@ class _Pipeline:
 
         import numpy as np
 
-        from .functional import _project_heads
+        from .. import _call
 
         self.kern, self.ids, self.params, self.causal = kern, ids, params, causal
         B, N = ids.shape
@@ -151,8 +151,6 @@ class _Pipeline:
         ids_flat = np.ascontiguousarray(ids.reshape(-1))
         table, pos = params.embedding, params.positions
         scale = 1.0 / math.sqrt(d)
-        no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dt), (B, H, N, N))
-        no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dt), (B, N))
         self.shape = (B, N, D, H, d)
 
         def embed(st):
@@ -164,17 +162,16 @@ class _Pipeline:
             kern.add_positions(st.xp, st.x.reshape(B, N, D), pos, 0)
 
         def q_proj(st):
-            st.q = _project_heads(st.xp, params.w_q, params.b_q, H)
+            st.q = _call.project_heads(st.xp, params.w_q, params.b_q, H)
 
         def k_proj(st):
-            st.k = _project_heads(st.xp, params.w_k, params.b_k, H)
+            st.k = _call.project_heads(st.xp, params.w_k, params.b_k, H)
 
         def v_proj(st):
-            st.v = _project_heads(st.xp, params.w_v, params.b_v, H)
+            st.v = _call.project_heads(st.xp, params.w_v, params.b_v, H)
 
         def scores(st):
-            st.s = np.empty((B, H, N, N), dtype=dt)
-            kern.scores(st.s, st.q, st.k, scale, causal, 0, no_mask, False, no_bias, False)
+            st.s = _call.scores(kern, st.q, st.k, scale, causal)
 
         def softmax(st):
             rows = st.s.reshape(-1, N)
@@ -207,9 +204,7 @@ class _Pipeline:
         self.steps = [(name, fns[name]) for name, _ in STAGES]
 
         def fused_attention(st):
-            out = np.zeros((B, H, N, d), dtype=dt)
-            kern.attention(out, st.q, st.k, st.v, scale, causal, 0, no_mask, False, no_bias, False)
-            return out
+            return _call.attention(kern, st.q, st.k, st.v, scale, causal)
 
         def embed_positions(st):
             out = np.empty((B * N, D), dtype=dt)
@@ -271,7 +266,8 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
 
     import fastattn
 
-    from . import _backends, _timing
+    from .. import _backends
+    from . import timing as _timing
 
     clock = _timing.clock
     start = clock()
@@ -411,7 +407,7 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
 # Output
 # --------------------------------------------------------------------------------------------------------------
 def format_report(doc: dict) -> str:
-    from ._timing import format_rate, format_seconds
+    from .timing import format_rate, format_seconds
 
     p = doc["params"]
     lines = [
@@ -476,7 +472,8 @@ def run(args) -> int:
 
     import fastattn
 
-    from . import _backends, _timing
+    from .. import _backends
+    from . import timing as _timing
 
     if args.d_model % args.heads:
         print(f"profile: --d-model ({args.d_model}) must be a multiple of --heads ({args.heads})", file=sys.stderr)

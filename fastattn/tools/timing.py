@@ -221,7 +221,7 @@ def optional_import(name: str):
 def backend_reasons(names=None) -> dict[str, str | None]:
     """``fastattn.backend_status()`` one backend at a time: a backend whose probe itself raises (a half-built
     extension raising something other than ImportError) is reported with that error instead of breaking the rest."""
-    from . import _backends
+    from .. import _backends
 
     out = {}
     for name in _backends.NAMES if names is None else names:

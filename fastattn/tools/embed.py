@@ -47,7 +47,7 @@ def _parse_ids(text: str) -> list[int]:
 def run(args) -> int:
     import numpy as np
 
-    from . import BertModel, CheckpointError, load
+    from ..models import BertModel, CheckpointError, load
 
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:

@@ -1,0 +1,156 @@
+"""The call layer: validated, normalised arrays in, a kernel call out.
+
+Everything between the public API's checks and a raw kernel of ``fastattn._optable`` happens here, once: output
+allocation, the stand-in for an absent mask, scalars in the types the contract names, the contiguous layouts the
+kernels assume. ``fastattn.functional``, ``fastattn.model``, ``fastattn.models``, the tools (profiler, bench) and
+``warmup`` all call kernels through these functions; none of them validates (that is the API's job) or chooses a
+backend (the registry's): each takes the kernel module ``kern`` the caller resolved.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=64)
+def absent(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only zero-stride stand-in for an absent mask (kernels never read it); shared, as it cannot change."""
+    return np.broadcast_to(np.zeros((1,) * len(shape), np.dtype(dtype)), shape)
+
+
+def default_scale(head_dim: int) -> float:
+    """1/√d; 1 for d = 0 (every score is an empty sum then, whatever the scale)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embedding and positions
+# --------------------------------------------------------------------------------------------------------------
+def gather(kern, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(..., D) rows of ``table`` for int64 ``ids`` already checked to lie in [0, V)."""
+    out = np.empty((ids.size, table.shape[1]), dtype=table.dtype)
+    if out.size:
+        kern.gather(out, np.ascontiguousarray(ids.reshape(-1)), np.ascontiguousarray(table))
+    return out.reshape(ids.shape + (table.shape[1],))
+
+
+def gather_add_positions(kern, ids2: np.ndarray, table: np.ndarray, positions: np.ndarray, offset: int = 0):
+    """(B, N, D): ``table[ids2] + positions[offset + n]`` in one pass."""
+    B, N = ids2.shape
+    out = np.empty((B * N, table.shape[1]), dtype=table.dtype)
+    if out.size:
+        kern.gather_add_positions(
+            out,
+            np.ascontiguousarray(ids2.reshape(-1)),
+            np.ascontiguousarray(table),
+            np.ascontiguousarray(positions),
+            int(N),
+            int(offset),
+        )
+    return out.reshape(B, N, table.shape[1])
+
+
+def add_positions(kern, x: np.ndarray, positions: np.ndarray, offset: int) -> np.ndarray:
+    """``x[..., n, :] + positions[offset + n]`` for x (..., N, D)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    if out.size:
+        n, d = x.shape[-2], x.shape[-1]
+        kern.add_positions(
+            out.reshape(-1, n, d),
+            np.ascontiguousarray(x).reshape(-1, n, d),
+            np.ascontiguousarray(positions),
+            int(offset),
+        )
+    return out
+
+
+def rope_tables(n: int, d: int, offset: int, base: float, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (N, d/2) of the angles (offset + n) / base^(2i/d), computed in float64."""
+    inv_freq = 1.0 / base ** (np.arange(0, d, 2) / d)  # (d/2,)
+    theta = np.outer(np.arange(offset, offset + n, dtype=np.float64), inv_freq)  # (N, d/2)
+    return np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
+
+
+def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool) -> np.ndarray:
+    """RoPE over the last two axes of x (..., N, d)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    if out.size:
+        n, d = x.shape[-2], x.shape[-1]
+        cos, sin = rope_tables(n, d, offset, base, x.dtype)
+        kern.rope(out.reshape(-1, n, d), np.ascontiguousarray(x).reshape(-1, n, d), cos, sin, bool(interleaved))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------------------------
+def attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask=None, key_bias=None) -> None:
+    """The fused kernel into ``out`` (B, Hq, L, Ev): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)
+    contiguous; mask None or a (B, Hq, L, S) view; key_bias None or a (B, S) view. Masks travel as structure."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    has_mask, has_bias = mask is not None, key_bias is not None
+    mask = mask if has_mask else absent(q.dtype, (B, Hq, L, S))
+    key_bias = key_bias if has_bias else absent(q.dtype, (B, S))
+    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
+
+
+def attention(kern, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None) -> np.ndarray:
+    """A fresh (B, Hq, L, Ev) output of the fused kernel (see ``attention_into``); no key at all gives zeros."""
+    B, Hq, L, _ = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    out = np.zeros((B, Hq, L, Ev), dtype=q.dtype)
+    if out.size and S:  # otherwise nothing to compute: every row attends to nothing -> zeros
+        attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask, key_bias)
+    return out
+
+
+def scores_into(kern, out, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None) -> None:
+    """The stage kernel into ``out`` (B, Hq, L, S): masked, scaled Q Kᵀ (masks as in ``attention_into``)."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    has_mask, has_bias = mask is not None, key_bias is not None
+    mask = mask if has_mask else absent(q.dtype, (B, Hq, L, S))
+    key_bias = key_bias if has_bias else absent(q.dtype, (B, S))
+    kern.scores(out, q, k, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
+
+
+def scores(kern, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None) -> np.ndarray:
+    """A fresh (B, Hq, L, S) output of the stage kernel (see ``scores_into``)."""
+    out = np.empty(q.shape[:3] + (k.shape[2],), dtype=q.dtype)
+    scores_into(kern, out, q, k, scale, causal, causal_offset, mask, key_bias)
+    return out
+
+
+def project_heads(x3: np.ndarray, w: np.ndarray, b, h: int) -> np.ndarray:
+    """(B, N, D) @ (D, h·d) (+ b) -> (B, h, N, d), contiguous for the kernels."""
+    y = x3 @ w
+    if b is not None:
+        y += b
+    B, N, hd = y.shape
+    return np.ascontiguousarray(y.reshape(B, N, h, hd // h).transpose(0, 2, 1, 3))
+
+
+def self_attention(
+    kern, x3, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, n_heads, n_kv_heads, is_causal, key_bias, rope_args
+) -> np.ndarray:
+    """(B, N, D_out): projections, heads, RoPE (``rope_args`` = (offset, base, interleaved) or None), fused
+    attention, merge, output projection. Every argument already validated (``functional.self_attention``)."""
+    B, N, _ = x3.shape
+    q = project_heads(x3, w_q, b_q, n_heads)  # (B, H, N, d)
+    k = project_heads(x3, w_k, b_k, n_kv_heads)  # (B, Hkv, N, d)
+    v = project_heads(x3, w_v, b_v, n_kv_heads)  # (B, Hkv, N, dv)
+    if rope_args is not None:
+        offset, base, interleaved = rope_args
+        q = rope(kern, q, offset, base, interleaved)
+        k = rope(kern, k, offset, base, interleaved)
+    o = attention(kern, q, k, v, default_scale(q.shape[-1]), is_causal, 0, None, key_bias)  # (B, H, N, dv)
+    o = o.transpose(0, 2, 1, 3).reshape(B, N, o.shape[1] * o.shape[3])  # merge heads: (B, N, H·dv)
+    if w_o is not None:
+        o = o @ w_o
+    if b_o is not None:
+        o += b_o
+    return o

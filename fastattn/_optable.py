@@ -1,0 +1,115 @@
+"""The one table of operations: every raw kernel, its family, its arguments, and how its gradient is computed.
+
+Each backend implements each family in one module (``fastattn._backends.MODULES`` names them, as code): the
+attention pipeline (``embedding``, ``positions``, ``attention``) in one, the transformer blocks in another. From this
+table come the dispatch (``_backends.kernels``), the Cython backend's exports, and the completeness test
+(``tests/test_layout.py``: every backend implements every operation, or its module says why not in
+``UNSUPPORTED``). ``kernels/README.md`` is the contract in prose; a test keeps it listing every row.
+
+To add an operation: one row here, its oracle (``fastattn/oracle.py`` or ``fastattn/_numpy_blocks.py``), one
+function per backend module, and a test against the oracle (see "Adding a kernel" in ``kernels/README.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("embedding", "positions", "attention", "blocks")
+
+#: The families each backend module serves: the pipeline module and the blocks module.
+PIPELINE = ("embedding", "positions", "attention")
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    family: str
+    args: str  # outputs first, shapes in the kernel's terms
+    computes: str
+    backward: str = ""  # the operation (a row of this table) or the rule that gives its gradient; "" = not yet
+
+
+OPS: tuple[Op, ...] = (
+    # ---- embedding ------------------------------------------------------------------------------------------------
+    Op("gather", "embedding", "out (T, D), ids (T,) int64, table (V, D)", "out[t] = table[ids[t]]"),
+    Op(
+        "gather_add_positions",
+        "embedding",
+        "out (T, D), ids (T,), table (V, D), positions (P, D), seq_len, offset",
+        "out[t] = table[ids[t]] + positions[offset + t % seq_len]",
+    ),
+    # ---- positions ------------------------------------------------------------------------------------------------
+    Op(
+        "add_positions",
+        "positions",
+        "out (B, N, D), x (B, N, D), positions (P, D), offset",
+        "out[b, n] = x[b, n] + positions[offset + n]",
+    ),
+    Op(
+        "rope",
+        "positions",
+        "out (B, N, d), x (B, N, d), cos (N, d/2), sin (N, d/2), interleaved",
+        "rotary embedding of each feature pair",
+        backward="rope with -sin (the inverse rotation)",
+    ),
+    # ---- attention ------------------------------------------------------------------------------------------------
+    Op(
+        "scores",
+        "attention",
+        "out (B, Hq, L, S), q (B, Hq, L, E), k (B, Hkv, S, E), scale, causal, causal_offset, mask (B, Hq, L, S), "
+        "has_mask, key_bias (B, S), has_key_bias",
+        "masked, scaled Q Kᵀ",
+    ),
+    Op("softmax", "attention", "out (R, S), s (R, S)", "row softmax (out may be s)"),
+    Op("weighted_sum", "attention", "out (B, Hq, L, Ev), p (B, Hq, L, S), v (B, Hkv, S, Ev)", "out = p @ v per head"),
+    Op(
+        "attention",
+        "attention",
+        "out (B, Hq, L, Ev), q, k, v, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias",
+        "fused weighted_sum(softmax(scores(...))), memory O(N)",
+    ),
+    # ---- blocks (fastattn.models) ---------------------------------------------------------------------------------
+    Op(
+        "embedding",
+        "blocks",
+        "out (T, D), ids, table, position_ids, positions, type_ids, type_table, has_types",
+        "token + position (+ token type) rows",
+    ),
+    Op("layer_norm", "blocks", "out (R, D), x (R, D), gamma (D,), beta (D,), eps", "LayerNorm per row"),
+    Op("gelu", "blocks", "out (R, D), x (R, D)", "exact GELU (erf)"),
+    Op("gelu_tanh", "blocks", "out (R, D), x (R, D)", "tanh-approximated GELU"),
+    Op("bias_gelu", "blocks", "out (R, D), x (R, D), bias (D,)", "gelu(x + bias)"),
+    Op("bias_gelu_tanh", "blocks", "out (R, D), x (R, D), bias (D,)", "gelu_tanh(x + bias)"),
+    Op("bias_residual", "blocks", "out (R, D), x, bias (D,), residual", "x + bias + residual"),
+    Op(
+        "bias_residual_layer_norm",
+        "blocks",
+        "out (R, D), x, bias, residual, gamma, beta, eps",
+        "layer_norm(x + bias + residual) (post-LN)",
+    ),
+    Op(
+        "bias_residual_and_layer_norm",
+        "blocks",
+        "out_sum (R, D), out_norm (R, D), x, bias, residual, gamma, beta, eps",
+        "the residual stream and its LayerNorm (pre-LN)",
+    ),
+    Op(
+        "split_qkv",
+        "blocks",
+        "q (B, H, L, d), k (B, H, T, d), v (B, H, T, d), qkv (B, L, 3·H·d), bias, offset",
+        "qkv + bias split into heads; k, v rows offset.. (a KV cache)",
+    ),
+    Op("merge_heads", "blocks", "out (B, L, H·d), o (B, H, L, d)", "heads merged"),
+)
+
+BY_NAME: dict[tuple[str, str], Op] = {(op.family, op.name): op for op in OPS}
+
+
+def of_families(families) -> tuple[Op, ...]:
+    """The rows of the given families, in table order."""
+    return tuple(op for op in OPS if op.family in families)
+
+
+def module_families(family: str) -> tuple[str, ...]:
+    """The families served by the backend module that serves ``family`` (pipeline or blocks)."""
+    return PIPELINE if family in PIPELINE else (family,)

@@ -72,7 +72,7 @@ def run(args) -> int:
     if args.input is not None or args.output is not None or args.scheduler is not None or args.workers is not None:
         try:
             return embed_corpus(args)
-        except (OSError, ImportError, ValueError, IndexError, TypeError, KeyError, CheckpointError) as exc:
+        except (OSError, ImportError, ValueError, IndexError, TypeError, CheckpointError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -97,12 +97,16 @@ def run(args) -> int:
     except (OSError, ImportError, ValueError, IndexError, TypeError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for row in np.atleast_2d(emb):
+    _print_rows(np.atleast_2d(emb), args)
+    return 0
+
+
+def _print_rows(emb, args) -> None:
+    for row in emb:
         if args.format == "json":
             print(json.dumps([round(float(x), args.decimals) for x in row]))
         else:
             print(" ".join(f"{float(x):.{args.decimals}f}" for x in row))
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,8 +150,7 @@ def embed_corpus(args) -> int:
         if args.output is not None:
             write_embeddings(args.output, out)
     if args.output is None:
-        for row in out:
-            print(" ".join(f"{float(x):.{args.decimals}f}" for x in row))
+        _print_rows(out, args)
     else:
         print(f"wrote {shape[0]} embeddings of width {shape[1]} to {args.output}", file=sys.stderr)
     return 0
@@ -168,7 +171,7 @@ def read_corpus(path: str, *, field: str | None = None, column: str | None = Non
 
         schema = pq.read_schema(path)
         if column not in schema.names:
-            raise KeyError(f"{path} has no column {column!r}; its columns: {schema.names}")
+            raise ValueError(f"{path} has no column {column!r}; its columns: {schema.names}")
         texts = pq.read_table(path, columns=[column]).column(column).to_pylist()
         _check_strings(texts, lambda i: f"{path}: row {i} of column {column!r}")
         return texts
@@ -185,7 +188,7 @@ def read_corpus(path: str, *, field: str | None = None, column: str | None = Non
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
                 if not isinstance(record, dict) or field not in record:
-                    raise KeyError(f"{path}, line {number}: no field {field!r}")
+                    raise ValueError(f"{path}, line {number}: no field {field!r}")
                 texts.append(record[field])
                 if not isinstance(texts[-1], str):
                     raise TypeError(
@@ -274,7 +277,7 @@ def _embed_on_dask(texts: list[str], args, normalize):
             model = args.model  # as it is spelled on the workers
         if client.dashboard_link:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        bag = db.from_sequence(texts, partition_size=args.partition_size) if texts else db.from_sequence([], 1)
+        bag = db.from_sequence(texts, partition_size=args.partition_size, npartitions=None if texts else 1)
         emb = fdask.encode(bag, model, batch_size=args.batch_size, normalize=normalize, backend=args.backend)
         blocks = client.compute(emb.to_delayed().ravel().tolist())
         with contextlib.redirect_stdout(sys.stderr):

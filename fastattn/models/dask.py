@@ -61,11 +61,15 @@ import os
 import socket
 import threading
 
-import dask
-import dask.array as da
-import dask.bag as db
 import numpy as np
-from dask.highlevelgraph import HighLevelGraph
+
+try:
+    import dask
+    import dask.array as da
+    import dask.bag as db
+    from dask.highlevelgraph import HighLevelGraph
+except ImportError as exc:  # pragma: no cover - the [dask] extra is in the test extra
+    raise ImportError(f'fastattn.models.dask needs Dask ({exc}): pip install "fastattn[dask]"') from exc
 
 from .. import _backends
 from .. import _validation as V

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 
 import cloudpickle
@@ -156,6 +157,25 @@ def test_each_task_runs_on_one_thread_and_fastattn_gets_its_threads_back(bert, m
     assert seen == [(1, 1)] * 4
     assert fastattn.get_num_threads() == before  # BLAS stays on one thread in a process that ran tasks (docstring)
     assert {m["num_threads"] for m in threadpoolctl.threadpool_info() if m["user_api"] == "blas"} == {1}
+
+
+def test_tasks_side_by_side_truncate_long_texts_on_their_own_tokenizers(bert):
+    """Texts longer than the model's 40 positions are truncated by the tokenizer, which switches truncation on and off
+    around each call: each thread has its own, or one thread's switch-off reaches the other's long texts (with one
+    shared tokenizer this test fails: "sequences of 80 tokens need position 79 ... truncate the input")."""
+    directory = bert[0]
+    long_texts = make_texts(160, seed=3)
+    long_texts = [t + " " + t + " " + t for t in long_texts]  # 3 to 87 words: most beyond 40 positions
+    partitions = split(long_texts, [10] * 16)
+    emb = fdask.encode(bag_of(partitions), directory, batch_size=4)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can: a shared tokenizer fails this test
+    try:
+        with dask.config.set(scheduler="threads", num_workers=4):
+            got = emb.compute()
+    finally:
+        sys.setswitchinterval(interval)
+    np.testing.assert_array_equal(got, reference(directory, partitions, batch_size=4))
 
 
 def test_model_is_loaded_once_per_worker_and_never_shipped(bert, client):

@@ -56,7 +56,6 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import socket
 import threading
@@ -241,7 +240,6 @@ def _encode_partition(part, path, backend, batch_size, normalize, partition, off
 _models: dict[tuple, object] = {}  # (path, backend, dtype) -> the model, loaded once per process
 _loads: dict[tuple, int] = {}  # how many times each was loaded in this process (``_cache_info``)
 _models_lock = threading.Lock()
-_local = threading.local()  # each thread's view of the models (its own tokenizer)
 
 
 def _where() -> str:
@@ -273,21 +271,15 @@ def _load(path: str, backend: str | None):
 
 
 def _worker_model(path: str, backend: str | None):
-    """This thread's view of the process's model: the weights are shared; the tokenizer is the thread's own, since
-    ``Tokenizer`` switches truncation on and off around each call and two threads would undo each other's."""
+    """The process's model of ``path``, loaded once and shared by the worker's threads (the tokenizer serialises
+    its own calls)."""
     key = (path, backend, DTYPE.name)
-    views = _local.__dict__.setdefault("views", {})
-    view = views.get(key)
-    if view is None:
-        with _models_lock:
-            model = _models.get(key)
-            if model is None:
-                model = _models[key] = _load(path, backend)
-                _loads[key] = _loads.get(key, 0) + 1
-        view = copy.copy(model)
-        view.tokenizer = copy.deepcopy(model.tokenizer)
-        views[key] = view
-    return view
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = _models[key] = _load(path, backend)
+            _loads[key] = _loads.get(key, 0) + 1
+    return model
 
 
 def _cache_info() -> dict[str, int]:

@@ -6,6 +6,7 @@ Models load without it: they then take and return token ids only.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Tokenizer:
     def __init__(self, inner, pad_id: int = 0):
         self.inner = inner
         self.pad_id = int(pad_id)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_directory(cls, directory: str, *, pad_id: int | None = None) -> Tokenizer | None:
@@ -106,11 +108,15 @@ class Tokenizer:
         return ids, mask, types
 
     def _encode_all(self, texts: list[str], max_length: int | None):
-        """Encodings of ``texts``, truncated to ``max_length`` tokens (special tokens kept) when given."""
-        if max_length is not None:
-            self.inner.enable_truncation(max_length)
-        try:
-            return self.inner.encode_batch(texts)
-        finally:
+        """Encodings of ``texts``, truncated to ``max_length`` tokens (special tokens kept) when given.
+
+        Truncation is a switch on the shared tokenizer: the lock keeps one thread's setting out of another's call
+        (encode_batch itself runs in parallel inside the tokenizers library)."""
+        with self._lock:
             if max_length is not None:
-                self.inner.no_truncation()
+                self.inner.enable_truncation(max_length)
+            try:
+                return self.inner.encode_batch(texts)
+            finally:
+                if max_length is not None:
+                    self.inner.no_truncation()

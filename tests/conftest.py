@@ -22,7 +22,7 @@ COMPILED = [b for b in BACKENDS if b != "numpy"]
 
 
 # Each compiled backend multiplies its attention tiles one of three ways: its own register-blocked micro-kernel (the
-# default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention.pyx,
+# default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention_tiles.pxi,
 # kernels/numba/attention_fused.py). The oracle suites (test_backends, test_properties) run every one:
 # "cython/blas" is the backend "cython" with its BLAS tile products, "numba/loops" the Numba backend's loops engine.
 def _tile_variants():

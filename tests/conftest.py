@@ -131,17 +131,9 @@ def check_against_oracle(got, oracle_fn, inputs, *, cast=None, floor=0.0):
     return err, bound
 
 
-def _backward_backends():
-    """The backends whose kernel module has the backward kernels (``attention_backward`` and the rest)."""
-    from fastattn import _backends
-
-    return [b for b in BACKENDS if hasattr(_backends.kernels(b), "attention_backward")]
-
-
-# The backward suites (tests/test_backward*.py) run on the backends that implement the backward kernels. The Cython
-# backward kernels are written on another branch (cython-backward): once they are merged, the integrator switches
-# this fixture to every backend (params=BACKENDS), so that a backend without them fails instead of being skipped.
-BACKWARD_BACKENDS = _backward_backends()
+# The backward suites (tests/test_backward*.py) run on every backend: each implements the backward kernels (the
+# Cython ones since the merge of cython-backward), so a backend without them fails instead of being skipped.
+BACKWARD_BACKENDS = BACKENDS
 
 
 @pytest.fixture(params=BACKWARD_BACKENDS)

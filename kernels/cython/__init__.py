@@ -27,7 +27,22 @@ import importlib.machinery
 import operator
 import os
 
-KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
+KERNELS = (
+    "gather",
+    "gather_add_positions",
+    "add_positions",
+    "rope",
+    "scores",
+    "softmax",
+    "weighted_sum",
+    "attention",
+    "attention_backward",
+    "softmax_backward",
+    "scores_backward",
+    "weighted_sum_backward",
+    "gather_backward",
+    "add_positions_backward",
+)
 _EXTENSIONS = ("_attention", "_embedding")
 _ISA_ORDER = ("avx512", "avx2")  # widest first
 
@@ -91,6 +106,10 @@ except ImportError as _exc:
     _attention = _embedding = None
 else:
     attention = _attention.attention
+    attention_backward = _attention.attention_backward
+    softmax_backward = _attention.softmax_backward
+    scores_backward = _attention.scores_backward
+    weighted_sum_backward = _attention.weighted_sum_backward
     scores = _attention.scores
     softmax = _attention.softmax
     weighted_sum = _attention.weighted_sum
@@ -107,6 +126,8 @@ else:
     gather_add_positions = _embedding.gather_add_positions
     add_positions = _embedding.add_positions
     rope = _embedding.rope
+    gather_backward = _embedding.gather_backward
+    add_positions_backward = _embedding.add_positions_backward
 
 
 def isa() -> str:

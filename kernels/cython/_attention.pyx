@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # fastattn: isa-variants
-"""Attention kernels: scores, softmax, weighted_sum (the stages) and attention (fused, flash-style).
+"""Attention kernels: scores, softmax, weighted_sum (the stages) and attention (fused, flash-style), each with its
+backward kernel beside it: softmax_backward, scores_backward, weighted_sum_backward, attention_backward.
 
 Contract: kernels/README.md. Arrays are C-contiguous except `mask` (B, Hq, L, S) and `key_bias` (B, S), which
 may be read-only broadcast views (zero strides): they are read through their strides, and never when
@@ -21,13 +22,18 @@ Wide accumulation. float32 products stay float32 (micro-kernel and sgemm; in the
 in float32), but every long sum is kept in double: softmax row sums (exp_shift_sum), the fused kernel's running row
 sums and output rows (one float32 tile product per key tile, added into a double running weighted average, which
 also keeps huge values in V from overflowing), and weighted_sum (float32 products on chunks of BK keys added up in
-double). One heavy weight must not swallow many light ones.
+double). One heavy weight must not swallow many light ones. The backward kernels do the same: each tile product
+in the dtype, added into double sums (dK, dV over query tiles, dQ over key tiles, the stage kernels' long sums in
+chunks of BK terms).
+
+Determinism. Every output has one writer (a work item) and its sums run in an order fixed by the shapes: results
+are bitwise the same for any thread count, the backward kernels included (no atomics, no per-thread partial sums).
 """
 
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.float cimport DBL_MAX, FLT_MAX
-from libc.math cimport INFINITY, exp, fabs, fabsf
+from libc.math cimport INFINITY, exp, fabs, fabsf, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -36,5 +42,5 @@ include "_common.pxi"
 # The sources by role (each a .pxi included here, so that the ISA builds of setup.py compile them as one module):
 include "_attention_tiles.pxi"    # tile products: micro-kernel, BLAS, loops; the plan of a call
 include "_attention_masks.pxi"    # masks as structure: causal, additive mask, key bias
-include "_attention_stages.pxi"   # stage kernels: scores, softmax, weighted_sum
-include "_attention_fused.pxi"    # fused kernel: attention
+include "_attention_stages.pxi"   # stage kernels: scores, softmax, weighted_sum and their backward kernels
+include "_attention_fused.pxi"    # fused kernels: attention (decoding split included), attention_backward

@@ -4,6 +4,7 @@
 cdef struct Masks:
     bint causal
     Py_ssize_t causal_offset
+    Py_ssize_t window          # 0: none; W > 0 (with causal): key j visible to query i iff i + off - W < j <= i + off
     const char* mask           # NULL when has_mask is False; else &mask[0, 0, 0, 0], strides in bytes below
     Py_ssize_t ms0, ms1, ms2, ms3
     const char* key_bias       # NULL when has_key_bias is False
@@ -12,8 +13,8 @@ cdef struct Masks:
 
 cdef inline void _mask_row(floating* srow, Py_ssize_t n, Py_ssize_t b, Py_ssize_t h, Py_ssize_t i,
                            Py_ssize_t j0, const Masks* mk) noexcept nogil:
-    """s[i, j0 + c] += mask[b, h, i, j0 + c] + key_bias[b, j0 + c] (those present); causal hidden -> -inf."""
-    cdef Py_ssize_t c, first_hidden
+    """s[i, j0 + c] += mask[b, h, i, j0 + c] + key_bias[b, j0 + c] (those present); causal / window hidden -> -inf."""
+    cdef Py_ssize_t c, first_hidden, first_visible
     cdef const char* mrow
     cdef const char* krow
     if mk.mask != NULL:
@@ -30,6 +31,27 @@ cdef inline void _mask_row(floating* srow, Py_ssize_t n, Py_ssize_t b, Py_ssize_
             first_hidden = 0
         for c in range(first_hidden, n):
             srow[c] = -INFINITY
+    if mk.window > 0:
+        first_visible = i + mk.causal_offset - mk.window + 1 - j0   # key j is visible iff j > i + off - W
+        if first_visible > n:
+            first_visible = n
+        for c in range(first_visible):
+            srow[c] = -INFINITY
+
+
+cdef inline bint _row_needs_mask(Py_ssize_t i, Py_ssize_t j0, Py_ssize_t nk, const Masks* mk) noexcept nogil:
+    """Whether keys j0..j0+nk-1 of query i need _mask_row: a mask or key bias, or some key hidden by causal / window."""
+    return (mk.mask != NULL or mk.key_bias != NULL or (mk.causal and j0 + nk - 1 > i + mk.causal_offset)
+            or (mk.window > 0 and j0 <= i + mk.causal_offset - mk.window))
+
+
+cdef inline Py_ssize_t _visible_start(Py_ssize_t i_first, Py_ssize_t end, const Masks* mk) noexcept nogil:
+    """Keys before this one are hidden from queries from i_first on (0 without a window); at most end."""
+    cdef Py_ssize_t start = 0
+    if mk.window > 0:
+        start = i_first + mk.causal_offset - mk.window + 1
+        start = 0 if start < 0 else (end if start > end else start)
+    return start
 
 
 cdef inline Py_ssize_t _visible_end(Py_ssize_t i_last, Py_ssize_t S, const Masks* mk) noexcept nogil:
@@ -41,10 +63,12 @@ cdef inline Py_ssize_t _visible_end(Py_ssize_t i_last, Py_ssize_t S, const Masks
     return end
 
 
-cdef int _masks_from(Masks* mk, bint causal, Py_ssize_t causal_offset, const floating[:, :, :, :] mask,
-                     bint has_mask, const floating[:, :] key_bias, bint has_key_bias) except -1:
+cdef int _masks_from(Masks* mk, bint causal, Py_ssize_t causal_offset, Py_ssize_t window,
+                     const floating[:, :, :, :] mask, bint has_mask, const floating[:, :] key_bias,
+                     bint has_key_bias) except -1:
     mk.causal = causal
     mk.causal_offset = causal_offset
+    mk.window = window if causal and window > 0 else 0
     mk.mask = NULL
     mk.key_bias = NULL
     if has_mask:

@@ -296,3 +296,60 @@ cdef void _gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, 
             e += 1
         for j in range(n):
             crow[j] = <floating>acc[j]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile products with a strided left operand (the backward kernels: Pᵀ·dO, dSᵀ·Q, dS·K) and the packing of Bᵀ
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef Py_ssize_t _pack_t(floating* bt, const floating* b, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ldb) noexcept nogil:
+    """bt = Bᵀ (k×n) of b (n×k, rows ldb apart), with rows ldt apart, ldt an odd number of cache lines (see _gemm_nt:
+    rows a power of two of bytes apart would share a few L1 sets); returns ldt. bt: room for k·(n + 32) entries."""
+    cdef Py_ssize_t line = 64 // sizeof(floating)
+    cdef Py_ssize_t ldt = (n + line - 1) // line
+    cdef Py_ssize_t j, e
+    ldt = (ldt + 1 - ldt % 2) * line
+    for j in range(n):
+        for e in range(k):
+            bt[e * ldt + j] = b[j * ldb + e]
+    return ldt
+
+
+cdef void _gemm_ab(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha, const floating* a, Py_ssize_t a_rs,
+                   Py_ssize_t a_cs, const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc, double* acc,
+                   int tiles) noexcept nogil:
+    """c[i, j] = alpha · Σ_e a[i·a_rs + e·a_cs]·b[e, j] for i < m, j < n: C = alpha·A·B with A read through its
+    strides (a_cs == 1: A row-major; a_rs == 1: A stored transposed, as Pᵀ or dSᵀ of a row-major tile), B row-major.
+
+    acc: scratch for n doubles (loops: each entry summed in double, then scaled).
+    """
+    cdef char trans = b'T', notrans = b'N'
+    cdef char* ta = &notrans if a_cs == 1 else &trans
+    cdef int im = <int>m, jn = <int>n, ek = <int>k, ildb = _i(ldb), ildc = _i(ldc)
+    cdef int ilda = _i(a_rs if a_cs == 1 else a_cs)
+    cdef floating zero = 0
+    cdef Py_ssize_t i, j, e
+    cdef double ae
+    cdef floating* crow
+    cdef const floating* brow
+    if tiles == TILES_MICRO:
+        _micro_gemm(m, n, k, alpha, a, a_rs, a_cs, b, ldb, c, ldc)
+        return
+    if tiles == TILES_BLAS and (a_cs == 1 or a_rs == 1):
+        # row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ; A row-major is Aᵀ column-major ('N'), A transposed is A ('T')
+        if floating is float:
+            _sgemm(&notrans, ta, &jn, &im, &ek, &alpha, <float*>b, &ildb, <float*>a, &ilda, &zero, c, &ildc)
+        else:
+            _dgemm(&notrans, ta, &jn, &im, &ek, &alpha, <double*>b, &ildb, <double*>a, &ilda, &zero, c, &ildc)
+        return
+    for i in range(m):
+        crow = c + i * ldc
+        for j in range(n):
+            acc[j] = 0
+        for e in range(k):
+            ae = a[i * a_rs + e * a_cs]
+            brow = b + e * ldb
+            for j in range(n):
+                acc[j] = acc[j] + ae * brow[j]
+        for j in range(n):
+            crow[j] = <floating>(alpha * acc[j])

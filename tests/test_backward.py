@@ -210,8 +210,6 @@ def test_return_lse_and_window_forward(backend):
     for dtype in (np.float32, np.float64):
         q, k, v = rand(rng, (2, 3, 9, 8), dtype), rand(rng, (2, 3, 9, 8), dtype), rand(rng, (2, 3, 9, 4), dtype)
         kws = [dict(is_causal=True), dict(is_causal=True, window=3), {}]
-        if backend == "cython":  # TEMPORARY until cython-backward merges: no window on this branch's Cython kernels
-            kws.pop(1)
         for kw in kws:
             out, lse = fastattn.scaled_dot_product_attention(q, k, v, return_lse=True, backend=backend, **kw)
             assert lse.shape == (2, 3, 9) and lse.dtype == dtype
@@ -457,8 +455,6 @@ def test_decode_split_keys_against_oracle(compiled_backend, dtype, case):
     q, k, v = rand(rng, (B, Hq, 1, E), dtype), rand(rng, (B, Hkv, S, E), dtype), rand(rng, (B, Hkv, S, Ev), dtype)
     offset = S - 1 if c.get("offset") == "S-1" else c.get("offset", 0)
     window = c.get("window", 0)
-    if window and compiled_backend == "cython":
-        pytest.skip("TEMPORARY until cython-backward merges: no window on this branch's Cython kernels")
     mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype), (B, Hq, 1, S))
     add = np.zeros((1, 1, 1, S), dtype)
     if c.get("mask"):

@@ -351,3 +351,13 @@ def test_add_positions_backward(B, N, P, offset, dtype):
     for b in range(B):  # increasing b, in the dtype
         expected[offset : offset + N] += grad_out[b]
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("L, S", [(1, 3000), (5, 300)])  # a decoding step split into parts, and a plain call
+def test_forward_nan_row_stays_in_its_row(L, S):
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((1, 3, L, 8), (1, 3, S, 8), (1, 3, S, 8)))
+    q[0, 1, 0, 2] = np.nan
+    out, lse = _forward(q, k, v, 0.3, False, 0, 0, None, None)
+    assert np.all(np.isnan(out[0, 1, 0])) and np.isnan(lse[0, 1, 0])
+    assert np.isfinite(lse).sum() == lse.size - 1 and np.isfinite(out).sum() == out.size - 8

@@ -33,7 +33,7 @@ are bitwise the same for any thread count, the backward kernels included (no ato
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.float cimport DBL_MAX, FLT_MAX
-from libc.math cimport INFINITY, exp, fabs, fabsf, log
+from libc.math cimport INFINITY, NAN, exp, fabs, fabsf, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 

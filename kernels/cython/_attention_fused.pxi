@@ -220,7 +220,7 @@ cdef void _attend_query_tile(floating* o, floating* lse, const floating* q, cons
         arow = t.acc + r * Ev
         for c in range(Ev):
             orow[c] = <floating>arow[c]
-        lse[r] = <floating>(-INFINITY if t.m[r] == -INFINITY else t.m[r] + log(t.l[r]))
+        lse[r] = <floating>(-INFINITY if t.l[r] == 0.0 else t.m[r] + log(t.l[r]))   # a NaN row: NaN
 
 
 def attention(floating[:, :, :, ::1] out, floating[:, :, ::1] lse, const floating[:, :, :, ::1] q,
@@ -331,11 +331,19 @@ cdef void _merge_parts(floating* out, floating* lse, const floating* po, const f
     decoding step merged by log-sum-exp, in part order, in double (a part that saw no key has pl = -inf: weight 0)."""
     cdef Py_ssize_t bh, p, c
     cdef double mx, total, wp
+    cdef bint nan
     for bh in range(n_bh):
         mx = -INFINITY
+        nan = False
         for p in range(n_parts):
+            nan = nan or pl[bh * n_parts + p] != pl[bh * n_parts + p]
             if pl[bh * n_parts + p] > mx:
                 mx = pl[bh * n_parts + p]
+        if nan:                             # a NaN in the query row stays in its row
+            lse[bh] = <floating>NAN
+            for c in range(Ev):
+                out[bh * Ev + c] = <floating>NAN
+            continue
         if mx == -INFINITY:                 # no part saw a key
             lse[bh] = <floating>(-INFINITY)
             for c in range(Ev):

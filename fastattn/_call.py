@@ -74,12 +74,13 @@ def rope_tables(n: int, d: int, offset: int, base: float, dtype) -> tuple[np.nda
     return np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
 
 
-def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool) -> np.ndarray:
-    """RoPE over the last two axes of x (..., N, d)."""
+def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool, *, inverse: bool = False) -> np.ndarray:
+    """RoPE over the last two axes of x (..., N, d); ``inverse`` rotates back (the gradient of RoPE: -sin)."""
     out = np.empty(x.shape, dtype=x.dtype)
     if out.size:
         n, d = x.shape[-2], x.shape[-1]
         cos, sin = rope_tables(n, d, offset, base, x.dtype)
+        sin = -sin if inverse else sin
         kern.rope(out.reshape(-1, n, d), np.ascontiguousarray(x).reshape(-1, n, d), cos, sin, bool(interleaved))
     return out
 
@@ -87,41 +88,70 @@ def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool) -> np
 # --------------------------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------------------------
-def attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask=None, key_bias=None) -> None:
-    """The fused kernel into ``out`` (B, Hq, L, Ev): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)
-    contiguous; mask None or a (B, Hq, L, S) view; key_bias None or a (B, S) view. Masks travel as structure."""
+def _masks(q, S, mask, key_bias):
+    """(mask, has_mask, key_bias, has_key_bias) as the kernels take them: an absent one is a stand-in never read."""
     B, Hq, L, _ = q.shape
-    S = k.shape[2]
     has_mask, has_bias = mask is not None, key_bias is not None
     mask = mask if has_mask else absent(q.dtype, (B, Hq, L, S))
     key_bias = key_bias if has_bias else absent(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
+    return mask, has_mask, key_bias, has_bias
 
 
-def attention(kern, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None) -> np.ndarray:
-    """A fresh (B, Hq, L, Ev) output of the fused kernel (see ``attention_into``); no key at all gives zeros."""
+def attention_into(kern, out, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None, *, window=0,
+                   lse=None) -> None:  # fmt: skip
+    """The fused kernel into ``out`` (B, Hq, L, Ev): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)
+    contiguous; mask None or a (B, Hq, L, S) view; key_bias None or a (B, S) view; ``window`` 0 (none) or W > 0
+    with ``causal``. Masks travel as structure. ``lse`` (B, Hq, L) receives the rows' log-sum-exp when given."""
+    B, Hq, L, _ = q.shape
+    if lse is None:
+        lse = np.empty((B, Hq, L), q.dtype)  # the kernels always write it; this caller does not keep it
+    mask, has_mask, key_bias, has_bias = _masks(q, k.shape[2], mask, key_bias)
+    kern.attention(out, lse, q, k, v, float(scale), bool(causal), int(causal_offset), int(window), mask, has_mask,
+                   key_bias, has_bias)  # fmt: skip
+
+
+def attention(kern, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None, *, window=0, want_lse=False):
+    """A fresh (B, Hq, L, Ev) output of the fused kernel (see ``attention_into``), and the (B, Hq, L) log-sum-exp
+    with ``want_lse``. No key at all gives zeros (and lse ``-inf``)."""
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     out = np.zeros((B, Hq, L, Ev), dtype=q.dtype)
+    lse = np.full((B, Hq, L), -np.inf, q.dtype)
     if out.size and S:  # otherwise nothing to compute: every row attends to nothing -> zeros
-        attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask, key_bias)
-    return out
+        attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask, key_bias, window=window, lse=lse)
+    return (out, lse) if want_lse else out
 
 
-def scores_into(kern, out, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None) -> None:
+def attention_backward_into(kern, grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal,
+                            causal_offset=0, mask=None, key_bias=None, *, window=0) -> None:  # fmt: skip
+    """The fused backward kernel into grad_q, grad_k, grad_v (shapes of q, k, v), flash style from out and lse."""
+    mask, has_mask, key_bias, has_bias = _masks(q, k.shape[2], mask, key_bias)
+    kern.attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, float(scale), bool(causal),
+                            int(causal_offset), int(window), mask, has_mask, key_bias, has_bias)  # fmt: skip
+
+
+def attention_backward(kern, grad_out, q, k, v, out, lse, scale, causal, causal_offset=0, mask=None, key_bias=None,
+                       *, window=0):  # fmt: skip
+    """Fresh (grad_q, grad_k, grad_v) of the fused kernel (see ``attention_backward_into``); zeros when there is
+    nothing to attend."""
+    grad_q, grad_k, grad_v = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    if q.size and k.shape[2]:
+        attention_backward_into(kern, grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal,
+                                causal_offset, mask, key_bias, window=window)  # fmt: skip
+    return grad_q, grad_k, grad_v
+
+
+def scores_into(kern, out, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None, *, window=0) -> None:
     """The stage kernel into ``out`` (B, Hq, L, S): masked, scaled Q Kᵀ (masks as in ``attention_into``)."""
-    B, Hq, L, _ = q.shape
-    S = k.shape[2]
-    has_mask, has_bias = mask is not None, key_bias is not None
-    mask = mask if has_mask else absent(q.dtype, (B, Hq, L, S))
-    key_bias = key_bias if has_bias else absent(q.dtype, (B, S))
-    kern.scores(out, q, k, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
+    mask, has_mask, key_bias, has_bias = _masks(q, k.shape[2], mask, key_bias)
+    kern.scores(out, q, k, float(scale), bool(causal), int(causal_offset), int(window), mask, has_mask, key_bias,
+                has_bias)  # fmt: skip
 
 
-def scores(kern, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None) -> np.ndarray:
+def scores(kern, q, k, scale, causal, causal_offset=0, mask=None, key_bias=None, *, window=0) -> np.ndarray:
     """A fresh (B, Hq, L, S) output of the stage kernel (see ``scores_into``)."""
     out = np.empty(q.shape[:3] + (k.shape[2],), dtype=q.dtype)
-    scores_into(kern, out, q, k, scale, causal, causal_offset, mask, key_bias)
+    scores_into(kern, out, q, k, scale, causal, causal_offset, mask, key_bias, window=window)
     return out
 
 

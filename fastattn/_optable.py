@@ -31,7 +31,19 @@ class Op:
 
 OPS: tuple[Op, ...] = (
     # ---- embedding ------------------------------------------------------------------------------------------------
-    Op("gather", "embedding", "out (T, D), ids (T,) int64, table (V, D)", "out[t] = table[ids[t]]"),
+    Op(
+        "gather",
+        "embedding",
+        "out (T, D), ids (T,) int64, table (V, D)",
+        "out[t] = table[ids[t]]",
+        backward="gather_backward",
+    ),
+    Op(
+        "gather_backward",
+        "embedding",
+        "grad_table (V, D), grad_out (T, D), ids (T,) int64",
+        "grad_table[v] = sum of grad_out[t] over ids[t] == v, in increasing t (any thread count: the same bits)",
+    ),
     Op(
         "gather_add_positions",
         "embedding",
@@ -44,6 +56,13 @@ OPS: tuple[Op, ...] = (
         "positions",
         "out (B, N, D), x (B, N, D), positions (P, D), offset",
         "out[b, n] = x[b, n] + positions[offset + n]",
+        backward="add_positions_backward (x's gradient is grad_out itself)",
+    ),
+    Op(
+        "add_positions_backward",
+        "positions",
+        "grad_positions (P, D), grad_out (B, N, D), offset",
+        "rows offset.. = sum over b of grad_out[b, n]; the other rows 0",
     ),
     Op(
         "rope",
@@ -56,17 +75,52 @@ OPS: tuple[Op, ...] = (
     Op(
         "scores",
         "attention",
-        "out (B, Hq, L, S), q (B, Hq, L, E), k (B, Hkv, S, E), scale, causal, causal_offset, mask (B, Hq, L, S), "
-        "has_mask, key_bias (B, S), has_key_bias",
+        "out (B, Hq, L, S), q (B, Hq, L, E), k (B, Hkv, S, E), scale, causal, causal_offset, window, "
+        "mask (B, Hq, L, S), has_mask, key_bias (B, S), has_key_bias",
         "masked, scaled Q Kᵀ",
+        backward="scores_backward",
     ),
-    Op("softmax", "attention", "out (R, S), s (R, S)", "row softmax (out may be s)"),
-    Op("weighted_sum", "attention", "out (B, Hq, L, Ev), p (B, Hq, L, S), v (B, Hkv, S, Ev)", "out = p @ v per head"),
+    Op(
+        "scores_backward",
+        "attention",
+        "grad_q (B, Hq, L, E), grad_k (B, Hkv, S, E), grad_s (B, Hq, L, S), q, k, scale",
+        "grad_q = scale grad_s k; grad_k = scale Σ_group grad_sᵀ q",
+    ),
+    Op("softmax", "attention", "out (R, S), s (R, S)", "row softmax (out may be s)", backward="softmax_backward"),
+    Op(
+        "softmax_backward",
+        "attention",
+        "grad_s (R, S), grad_p (R, S), p (R, S)",
+        "grad_s = p (grad_p − rowsum(grad_p p))",
+    ),
+    Op(
+        "weighted_sum",
+        "attention",
+        "out (B, Hq, L, Ev), p (B, Hq, L, S), v (B, Hkv, S, Ev)",
+        "out = p @ v per head",
+        backward="weighted_sum_backward",
+    ),
+    Op(
+        "weighted_sum_backward",
+        "attention",
+        "grad_p (B, Hq, L, S), grad_v (B, Hkv, S, Ev), grad_out (B, Hq, L, Ev), p, v",
+        "grad_p = grad_out vᵀ; grad_v = Σ_group pᵀ grad_out",
+    ),
     Op(
         "attention",
         "attention",
-        "out (B, Hq, L, Ev), q, k, v, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias",
-        "fused weighted_sum(softmax(scores(...))), memory O(N)",
+        "out (B, Hq, L, Ev), lse (B, Hq, L), q, k, v, scale, causal, causal_offset, window, mask, has_mask, "
+        "key_bias, has_key_bias",
+        "fused weighted_sum(softmax(scores(...))) and each row's log-sum-exp, memory O(N)",
+        backward="attention_backward",
+    ),
+    Op(
+        "attention_backward",
+        "attention",
+        "grad_q, grad_k, grad_v, grad_out (B, Hq, L, Ev), q, k, v, out, lse, scale, causal, causal_offset, window, "
+        "mask, has_mask, key_bias, has_key_bias",
+        "flash-style gradients: P recomputed from lse, D = rowsum(grad_out out), no races (any thread count: the "
+        "same bits)",
     ),
     # ---- blocks (fastattn.models) ---------------------------------------------------------------------------------
     Op(

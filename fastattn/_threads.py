@@ -179,7 +179,19 @@ def _warm_pipeline(kern, dt: np.dtype) -> None:
     for mask in masks:
         for bias in biases:
             s = _call.scores(kern, q, kv, 1.0, True, 0, mask, bias)
-            _call.attention(kern, q, kv, kv, 1.0, True, 0, mask, bias)
+            out, lse = _call.attention(kern, q, kv, kv, 1.0, True, 0, mask, bias, want_lse=True)
+            _call.attention_backward(kern, q, q, kv, kv, out, lse, 1.0, True, 0, mask, bias)
     rows = s.reshape(-1, L)
     kern.softmax(rows, rows)
     kern.weighted_sum(np.zeros_like(q), s, kv)
+    n1 = 1025  # decoding over many keys: the compiled backends split the keys across threads past 1024 keys
+    q1, kv1 = np.zeros((B, H, 1, E), dt), np.zeros((B, 1, n1, E), dt)
+    for mask in (None, np.zeros((B, H, 1, n1), dt)):
+        for bias in (None, np.zeros((B, n1), dt)):
+            _call.attention(kern, q1, kv1, kv1, 1.0, True, n1 - 1, mask, bias)
+    g = np.empty_like(s)
+    kern.softmax_backward(g.reshape(-1, L), rows, rows)
+    kern.scores_backward(np.empty_like(q), np.empty_like(kv), s, q, kv, 1.0)
+    kern.weighted_sum_backward(g, np.empty_like(kv), q, s, kv)
+    kern.gather_backward(np.empty_like(table), np.zeros((2 * L, D), dt), ids.reshape(-1))
+    kern.add_positions_backward(np.empty_like(pos), x, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -182,8 +183,10 @@ def scaled_dot_product_attention(
     scale=None,
     enable_gqa=False,
     *,
+    window=None,
+    return_lse=False,
     backend=None,
-) -> np.ndarray:
+):
     """softmax(Q Kᵀ · scale + mask) V, with the signature and semantics of PyTorch's function, on NumPy arrays.
 
     Parameters
@@ -202,10 +205,16 @@ def scaled_dot_product_attention(
         Default ``1 / sqrt(E)``.
     enable_gqa : bool
         Grouped-query attention: key/value heads Hkv divide query heads Hq; each serves Hq/Hkv consecutive heads.
+    window : int, optional
+        Sliding window (with ``is_causal`` only): query i sees keys j with ``i - window < j <= i``.
+    return_lse : bool
+        Also return the log-sum-exp of each row's scaled, masked scores, the one number per row that
+        ``scaled_dot_product_attention_backward`` needs besides the output.
 
     Returns
     -------
     ndarray, shape (..., L, Ev), dtype of the inputs. A row with no key to attend to is zeros, never NaN.
+    With ``return_lse=True``: ``(out, lse)``, lse of shape (..., L) (``-inf`` for a row with no key to attend to).
 
     Notes
     -----
@@ -228,11 +237,45 @@ def scaled_dot_product_attention(
     k = V.float_array("key", key, min_ndim=2)
     v = V.float_array("value", value, min_ndim=2)
     dtype = V.same_dtype(query=q, key=k, value=v)
-    is_causal, enable_gqa = V.flag("is_causal", is_causal), V.flag("enable_gqa", enable_gqa)
     if V.real_number("dropout_p", dropout_p) != 0.0:
         raise ValueError(f"dropout_p must be 0.0: fastattn is inference only, got {dropout_p}")
+    lay = _attention_layout(q, k, v, attn_mask, is_causal, scale, enable_gqa, window, dtype)
+    return_lse = V.flag("return_lse", return_lse)
+    B, Hq, Hkv, L, S, E, Ev = lay.dims
+    kern = _backends.kernels(backend)
+    result = _call.attention(kern, lay.q4, lay.k4, lay.v4, lay.scale, lay.causal, 0, lay.mask, None, window=lay.window,
+                             want_lse=return_lse)  # fmt: skip
+    if not return_lse:
+        return result.reshape(lay.lead + (L, Ev))
+    out, lse = result
+    return out.reshape(lay.lead + (L, Ev)), lse.reshape(lay.lead + (L,))
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionLayout:
+    """scaled_dot_product_attention's arguments normalised: 4-D contiguous q4 (B, Hq, L, E), k4, v4 (B, Hkv, S, .),
+    the 4-D mask view (or None), the scalars, and the shapes the output (and the gradients) go back to."""
+
+    q4: np.ndarray
+    k4: np.ndarray
+    v4: np.ndarray
+    mask: np.ndarray | None
+    scale: float
+    causal: bool
+    window: int
+    dims: tuple  # (B, Hq, Hkv, L, S, E, Ev)
+    lead: tuple  # the output's leading shape: batch + (Hq,) when the inputs have heads
+    batch: tuple
+    heads: bool
+    full: tuple  # query's, key's and value's shapes with the leading ones padded to one length
+
+
+def _attention_layout(q, k, v, attn_mask, is_causal, scale, enable_gqa, window, dtype) -> _AttentionLayout:
+    """Check and normalise what scaled_dot_product_attention (and its backward) take besides the arrays' dtypes."""
+    is_causal, enable_gqa = V.flag("is_causal", is_causal), V.flag("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("is_causal=True cannot be combined with attn_mask: pass one or the other")
+    window = check_window(window, is_causal)
     L, E = q.shape[-2:]
     S = k.shape[-2]
     if k.shape[-1] != E:
@@ -283,8 +326,19 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         m = V.mask_array("attn_mask", attn_mask, dtype, lead + (L, S))
         mask = _mask_4d(m, batch, Hq, L, S)
-    out = _call.attention(_backends.kernels(backend), q4, k4, v4, scale, is_causal, 0, mask, None)
-    return out.reshape(lead + (L, Ev))
+    return _AttentionLayout(
+        q4, k4, v4, mask, scale, is_causal, window, (B, Hq, Hkv, L, S, E, Ev), lead, batch, nd >= 3, (qs, ks, vs)
+    )
+
+
+def check_window(window, is_causal) -> int:
+    """``window`` of scaled_dot_product_attention as the kernels' int (0: none)."""
+    if window is None:
+        return 0
+    window = V.positive_int("window", window)
+    if not is_causal:
+        raise ValueError(f"window={window} needs is_causal=True (a sliding window over the causal lower triangle)")
+    return window
 
 
 def _rope_settings(rope) -> tuple[int, float, bool] | None:

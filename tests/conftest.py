@@ -22,7 +22,7 @@ COMPILED = [b for b in BACKENDS if b != "numpy"]
 
 
 # Each compiled backend multiplies its attention tiles one of three ways: its own register-blocked micro-kernel (the
-# default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention.pyx,
+# default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention_tiles.pxi,
 # kernels/numba/attention_fused.py). The oracle suites (test_backends, test_properties) run every one:
 # "cython/blas" is the backend "cython" with its BLAS tile products, "numba/loops" the Numba backend's loops engine.
 def _tile_variants():
@@ -130,3 +130,13 @@ def check_against_oracle(got, oracle_fn, inputs, *, cast=None, floor=0.0):
         bound = FLOAT32_FACTOR * max(naive_err, floor) + 4 * float(np.finfo(got.dtype).eps) * scale
     assert err <= bound, f"error {err:.3e} exceeds the {got.dtype} bound {bound:.3e}"
     return err, bound
+
+
+# The backward suites (tests/test_backward*.py) run on every backend: each implements the backward kernels (the
+# Cython ones since the merge of cython-backward), so a backend without them fails instead of being skipped.
+BACKWARD_BACKENDS = BACKENDS
+
+
+@pytest.fixture(params=BACKWARD_BACKENDS)
+def backward_backend(request):
+    return request.param

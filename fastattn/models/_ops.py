@@ -83,15 +83,27 @@ def _absent(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(np.zeros((1,) * len(shape), dtype), shape)
 
 
-def attend(kern, out, q, k, v, scale: float, causal: bool, causal_offset: int, bias) -> None:
-    """out (B, H, L, d) = softmax(scale q kᵀ + masks) v with the backend's fused kernel; masks as structure."""
+def attend(kern, out, q, k, v, scale: float, causal: bool, causal_offset: int, bias, window: int = 0) -> None:
+    """out (B, Hq, L, d) = softmax(scale q kᵀ + masks) v with the backend's fused kernel; masks as structure.
+
+    ``k, v`` may have fewer heads than ``q`` (grouped-query attention: the kernel maps query head h to key/value
+    head h // (Hq // Hkv), nothing is copied). ``window`` W > 0 (with ``causal``): key j is visible to query i only
+    when i + causal_offset - W < j; the kernels here take no window argument yet, so the band is passed as an
+    additive (L, S) mask read through broadcasting (zero strides over batch and heads).
+    """
     B, H, L, _ = q.shape
     S = k.shape[2]
-    mask = _absent(q.dtype, (B, H, L, S))
+    has_mask = bool(window)
+    if has_mask:
+        rows = np.arange(L)[:, None] + causal_offset  # (L, 1): each query's causal position
+        band = np.where(np.arange(S)[None, :] > rows - window, 0.0, -np.inf).astype(q.dtype)  # (L, S)
+        mask = np.broadcast_to(band, (B, H, L, S))
+    else:
+        mask = _absent(q.dtype, (B, H, L, S))
     has_bias = bias is not None
     if not has_bias:
         bias = _absent(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, False, bias, has_bias)
+    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, bias, has_bias)
 
 
 #: Below this many elements in a step's widest activation (tokens x width), the kernels run on one thread: waking a

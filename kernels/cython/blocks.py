@@ -31,6 +31,10 @@ bias_residual_layer_norm = _blocks.bias_residual_layer_norm
 bias_residual_and_layer_norm = _blocks.bias_residual_and_layer_norm
 split_qkv = _blocks.split_qkv
 merge_heads = _blocks.merge_heads
+rms_norm = _blocks.rms_norm
+add_rms_norm = _blocks.add_rms_norm
+silu_mul = _blocks.silu_mul
+split_qkv_rope = _blocks.split_qkv_rope
 openmp_enabled = _blocks.openmp_enabled
 
 __all__ = [
@@ -45,6 +49,10 @@ __all__ = [
     "bias_residual_and_layer_norm",
     "split_qkv",
     "merge_heads",
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "split_qkv_rope",
     "get_num_threads",
     "set_num_threads",
     "openmp_enabled",

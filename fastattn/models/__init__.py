@@ -115,9 +115,9 @@ def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | G
     if backend is not None:
         backend = _backends.resolve_name(backend)  # an unknown or unavailable backend fails here, not later
     if os.path.isfile(path):
-        from . import gguf
+        from . import gguf_file
 
-        return gguf.load(path, backend=backend, dtype=dtype)
+        return gguf_file.load(path, backend=backend, dtype=dtype)
     config = read_config(path)
     kind = _kind(config, path)
     if kind == "encoder":

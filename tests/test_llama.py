@@ -55,35 +55,59 @@ CASES = {
     ),
     "llama-linear": (
         "LlamaConfig",
-        dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0,
-             "rope_theta": 500.0}),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+        ),
         None,
     ),  # fmt: skip
     "llama-dynamic": (
         "LlamaConfig",
-        dict(num_attention_heads=4, num_key_value_heads=4, rope_parameters={"rope_type": "dynamic", "factor": 3.0,
-             "rope_theta": 10000.0}),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0},
+        ),
         None,
     ),  # fmt: skip
     "llama-llama3": (
         "LlamaConfig",
-        dict(num_attention_heads=4, num_key_value_heads=1, rope_parameters={"rope_type": "llama3", "factor": 8.0,
-             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-             "rope_theta": 50.0}),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 50.0,
+            },
+        ),
         None,
     ),  # fmt: skip
     "llama-yarn": (
         "LlamaConfig",
-        dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "yarn", "factor": 4.0,
-             "original_max_position_embeddings": 24, "rope_theta": 100.0}),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 24,
+                "rope_theta": 100.0,
+            },
+        ),
         None,
     ),  # fmt: skip
     "mistral-window": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5), None),
     "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2), None),
     "qwen2-window": (
         "Qwen2Config",
-        dict(num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
-             max_window_layers=1),
+        dict(
+            num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=1
+        ),
         None,
     ),  # fmt: skip
     "qwen3-qknorm": (
@@ -277,7 +301,7 @@ def _allowed_reference(z, top_k, top_p):
         p = np.exp(zk - zk.max())
         p /= p.sum()
         kept, total = [], 0.0
-        for i, pi in zip(keep, p):  # the smallest head of the sorted list whose mass reaches top_p
+        for i, pi in zip(keep, p, strict=True):  # the smallest head of the sorted list whose mass reaches top_p
             kept.append(i)
             total += pi
             if total >= top_p:

@@ -384,3 +384,30 @@ def test_bad_checkpoints_name_what_is_wrong(checkpoints, tmp_path):
     _edit_config(target, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu")
     with pytest.raises(fastattn.models.CheckpointError, match=r"hidden_act='gelu' is not supported"):
         fastattn.models.load(target)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The generate command
+# --------------------------------------------------------------------------------------------------------------
+def test_generate_command_streams_text_and_reports_speed(checkpoints, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fastattn.__main__ import main
+
+    target = _copy(checkpoints["llama-gqa2"][0], tmp_path)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(target / "tokenizer.json"))
+    model = fastattn.models.load(target, backend="numpy")
+    expected = model.generate_text("w5 w17 w99", max_new_tokens=4, eos_token_id=None)
+    assert main(["generate", "--model", str(target), "--backend", "numpy", "--max-new-tokens", "4", "w5 w17 w99"]) == 0
+    out = capsys.readouterr()
+    assert out.out.replace(" ", "") == ("w5 w17 w99" + expected).replace(" ", "") + "\n"
+    assert "prefill: 3 tokens in" in out.err and "decode: 3 tokens in" in out.err and "tokens/s" in out.err
+    args = ["generate", "--model", str(target), "--backend", "numpy", "--ids", "--max-new-tokens", "5"]
+    assert main([*args, "--seed", "4", "--top-k", "3", "5 17 99"]) == 0
+    first = capsys.readouterr().out
+    assert main([*args, "--seed", "4", "--top-k", "3", "5,17,99"]) == 0
+    assert capsys.readouterr().out == first and len(first.split()) == 5  # the same seed repeats
+    assert main([*args, "--top-p", "0", "5 17"]) == 1
+    assert "top_p must lie in (0, 1]" in capsys.readouterr().err

@@ -39,6 +39,8 @@ Llama-family kernels:
   RMS-normalised over d with ``q_gamma`` / ``k_gamma`` (d,) (Qwen3); then q and k are rotated (RoPE, the
   non-interleaved Hugging Face layout of ``rope``) by the angles of each token: ``cos, sin`` (B·L, d // 2), token
   ``b·L + n``. Nothing else is written.
+- ``linear(out, x, w)``: ``out (T, N) = x (T, K) @ wᵀ`` with ``w (N, K)`` in Hugging Face ``Linear``'s layout: the
+  matmul of a decode step (few rows T), parallel over the rows of ``w`` so that a thread count owns its columns.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "add_rms_norm",
     "silu_mul",
     "split_qkv_rope",
+    "linear",
     "get_num_threads",
     "set_num_threads",
 ]
@@ -223,3 +226,7 @@ def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin
     q[...] = rotate_half(yq, c, s)
     k[:, :, offset : offset + L] = rotate_half(yk, c, s)
     v[:, :, offset : offset + L] = yv
+
+
+def linear(out, x, w):
+    out[...] = x @ w.T  # (T, K) @ (K, N)

@@ -187,3 +187,39 @@ def read_bfloat16(path: str, name: str) -> np.ndarray:
     start, end = info["data_offsets"]
     raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + n + start)
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+class DictStore:
+    """In-memory tensors (name -> array, e.g. a state dict turned into NumPy) behind ``TensorStore``'s interface."""
+
+    def __init__(self, tensors: dict, where: str = "the tensors given"):
+        self._tensors = dict(tensors)
+        self.directory = where
+        self.prefix = ""
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def find_prefix(self, anchor: str, candidates) -> str:
+        for prefix in candidates:
+            if prefix + anchor in self._tensors:
+                self.prefix = prefix
+                return prefix
+        raise CheckpointError(f"{self.directory} lack the tensor {anchor!r} (looked under {list(candidates)})")
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self._tensors
+
+    def get(self, name: str, shape: tuple[int, ...], dtype, *, what: str = "") -> np.ndarray:
+        full = self.prefix + name
+        if full not in self._tensors:
+            raise CheckpointError(f"{self.directory} lack the tensor {full!r}" + (f" ({what})" if what else ""))
+        array = np.asarray(self._tensors[full])
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(
+                f"the tensor {full!r} has shape {tuple(array.shape)} but the config implies {tuple(shape)}"
+                + (f" ({what})" if what else "")
+            )
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"the tensor {full!r} has dtype {array.dtype}, expected a floating type")
+        return np.ascontiguousarray(array, dtype=dtype)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import _validation as V
 from . import _ops
-from ._checkpoint import CheckpointError, TensorStore, read_config
+from ._checkpoint import CheckpointError, DictStore, TensorStore, read_config
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -144,6 +144,23 @@ class Model:
         weights = cls._weights(store, cfg, dtype)
         tokenizer = Tokenizer.load_optional(path, pad_id=getattr(cfg, "pad_token_id", None))
         return cls(cfg, weights, backend=backend, dtype=dtype, tokenizer=tokenizer, path=path, **extra)
+
+    @classmethod
+    def from_tensors(cls, config: dict, tensors: dict, *, backend=None, dtype=np.float32, tokenizer=None):
+        """Build the model from a config dict (config.json's fields) and named arrays (the checkpoint's names,
+        e.g. a PyTorch state dict as NumPy arrays), without files.
+
+        Examples
+        --------
+        >>> state = {k: v.numpy() for k, v in hf_model.state_dict().items()}                    # doctest: +SKIP
+        >>> model = LlamaModel.from_tensors(hf_model.config.to_dict(), state)                  # doctest: +SKIP
+        """
+        cfg = cls.config_class.from_dict(config)
+        dtype = V.float_dtype("dtype", dtype)
+        store = DictStore(tensors)
+        anchor, candidates = cls._prefixes(cfg)
+        store.find_prefix(anchor, candidates)
+        return cls(cfg, cls._weights(store, cfg, dtype), backend=backend, dtype=dtype, tokenizer=tokenizer)
 
     @classmethod
     def _prefixes(cls, cfg) -> tuple[str, tuple[str, ...]]:
@@ -414,8 +431,9 @@ class Decoder(Model):
         """The buffers of a step of L tokens in each of B sequences (reused by later steps of that shape)."""
         raise NotImplementedError
 
-    def _lm_head(self) -> np.ndarray:
-        return self._w["lm_head"]
+    def _logits(self, a: np.ndarray, backend) -> np.ndarray:
+        """Logits (T, V) of the final norm's output a (T, D)."""
+        return a @ self._w["lm_head"]
 
     def _fits(self, t: int, L: int) -> None:
         """Raise if ``t`` cached + ``L`` new positions exceed the model's positions."""
@@ -480,7 +498,7 @@ class Decoder(Model):
             cache.keep[:, : rows + L] = keep[:, cache.dropped :]
         a = self._run(ids, positions, cache, backend)  # (B·L, D) after the final norm, a reused buffer
         hidden = a.reshape(B, L, cfg.hidden_size).copy()
-        logits = (a @ self._lm_head()).reshape(B, L, cfg.vocab_size)
+        logits = self._logits(a, backend).reshape(B, L, cfg.vocab_size)
         if squeeze:
             logits, hidden = logits[0], hidden[0]
         return DecoderOutput(logits=logits, past=cache if use_cache else None, last_hidden_state=hidden)
@@ -668,11 +686,10 @@ class Decoder(Model):
         cache.keep[:, :N] = keep
         produced = 0
         prefill = 0.0
-        lm_head = self._lm_head()
         if max_new_tokens:
             unfinished = np.ones(B, bool)
             a = self._run(ids, np.ascontiguousarray(positions), cache, backend)
-            logits = a.reshape(B, N, -1)[:, -1] @ lm_head  # (B, V): only the last position
+            logits = self._logits(np.ascontiguousarray(a.reshape(B, N, -1)[:, -1]), backend)  # (B, V): the last
             prefill = time.perf_counter() - start
             stops = np.array(eos, np.int64)
             while True:
@@ -688,7 +705,7 @@ class Decoder(Model):
                 last += 1
                 cache.make_room(1)
                 a = self._run(token[:, None], last[:, None], cache, backend)  # one token per sequence
-                logits = a @ lm_head  # (B, V)
+                logits = self._logits(a, backend)  # (B, V)
         total = time.perf_counter() - start
         sequences = np.concatenate([ids, new[:, :produced]], axis=1)
         return GenerationOutput(

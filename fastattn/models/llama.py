@@ -13,6 +13,9 @@ One block, pre-RMSNorm, as Hugging Face's ``LlamaDecoderLayer`` computes it, wit
     a = RMSNorm_in of the next block (norm after the last)
     logits = a @ W_lmᵀ                                  the LM head (tied: the embedding table, read in place)
 
+Weights keep Hugging Face's (out, in) layout: a prefill's matmuls are BLAS on the transposed views; a decode
+step's (a few rows) are the block kernel ``linear``, dot products along the weight rows (``_ops.linear``).
+
 RoPE follows the config's ``rope_theta`` and ``rope_scaling`` / ``rope_parameters`` types as transformers 5 computes
 them (``inv_freq`` and the attention scaling that multiplies cos and sin): ``default``, ``linear``, ``dynamic``,
 ``llama3``, ``yarn``. ``dynamic`` rescales only beyond ``max_position_embeddings``, which this model refuses, so
@@ -271,16 +274,16 @@ LAYER_TENSORS = (
 @dataclass
 class _Layer:
     ln_in: np.ndarray  # (D,)
-    w_qkv: np.ndarray  # (D, (Hq + 2 Hkv) d): x @ w
+    w_qkv: np.ndarray  # ((Hq + 2 Hkv) d, D): Hugging Face's (out, in) layout, applied as x @ wᵀ
     b_qkv: np.ndarray  # ((Hq + 2 Hkv) d,) zeros without biases
     q_norm: np.ndarray  # (d,) ones without Qwen3's norms
     k_norm: np.ndarray
-    w_o: np.ndarray  # (Hq d, D)
+    w_o: np.ndarray  # (D, Hq d)
     b_o: np.ndarray | None
     ln_post: np.ndarray
-    w_gu: np.ndarray  # (D, 2F): gate | up
+    w_gu: np.ndarray  # (2F, D): gate | up
     b_gu: np.ndarray | None
-    w_down: np.ndarray  # (F, D)
+    w_down: np.ndarray  # (D, F)
     b_down: np.ndarray | None
     window: int
 
@@ -316,23 +319,23 @@ class LlamaModel(Decoder):
             layers.append(
                 _Layer(
                     ln_in=raw["ln_in"],
-                    w_qkv=np.ascontiguousarray(np.concatenate([raw["wq"].T, raw["wk"].T, raw["wv"].T], axis=1)),
+                    w_qkv=np.concatenate([raw["wq"], raw["wk"], raw["wv"]]),
                     b_qkv=np.ascontiguousarray(b_qkv, dtype=dtype),
                     q_norm=raw.get("q_norm", ones),
                     k_norm=raw.get("k_norm", ones),
-                    w_o=np.ascontiguousarray(raw["wo"].T),
+                    w_o=raw["wo"],
                     b_o=raw.get("bo"),
                     ln_post=raw["ln_post"],
-                    w_gu=np.ascontiguousarray(np.concatenate([raw["wg"].T, raw["wu"].T], axis=1)),
+                    w_gu=np.concatenate([raw["wg"], raw["wu"]]),
                     b_gu=np.concatenate([raw["bg"], raw["bu"]]) if cfg.mlp_bias else None,
-                    w_down=np.ascontiguousarray(raw["wd"].T),
+                    w_down=raw["wd"],
                     b_down=raw.get("bd"),
                     window=cfg.windows[i],
                 )
             )
         w["layers"] = layers
-        # the LM head as (D, V): tied, a transposed view of the embedding table that BLAS reads in place
-        w["lm_head"] = w["embed"].T if cfg.tie_word_embeddings else np.ascontiguousarray(w["lm_head"].T)
+        # the LM head (V, D), applied as a @ wᵀ: tied, the embedding table itself
+        w["lm_head"] = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
         w["inv_freq"] = np.array(cfg.inv_freq, np.float64)
         return w
 
@@ -357,6 +360,13 @@ class LlamaModel(Decoder):
             "sin": np.empty((T, d // 2), dt),
         }
 
+    def _logits(self, a, backend):
+        _, blk = _ops.kernels(self.backend if backend is None else backend)
+        out = np.empty((a.shape[0], self.config.vocab_size), self.dtype)
+        with _ops.threads_for(a.shape[0] * self.config.inner_size, blk):
+            _ops.linear(blk, out, a, self._w["lm_head"])
+        return out
+
     def _blocks(self, kern, blk, ids, positions, cache, work) -> np.ndarray:
         cfg, w = self.config, self._w
         B, L = ids.shape
@@ -374,22 +384,22 @@ class LlamaModel(Decoder):
         scale = 1.0 / math.sqrt(cfg.head_dim)
         for i, layer in enumerate(layers):
             keys, values = cache.keys[i], cache.values[i]  # (B, Hkv, capacity, d) each
-            np.matmul(a, layer.w_qkv, out=qkv)  # (T, (Hq + 2 Hkv) d)
+            _ops.linear(blk, qkv, a, layer.w_qkv)  # (T, (Hq + 2 Hkv) d)
             blk.split_qkv_rope(
                 q, keys, values, qkv.reshape(B, L, -1), layer.b_qkv, layer.q_norm, layer.k_norm, eps,
                 cfg.qk_norm, cos, sin, t,
             )  # fmt: skip
             _ops.attend(kern, o, q, keys, values, scale, True, t, bias, layer.window)  # key j <= t + i
             blk.merge_heads(ctx.reshape(B, L, cfg.q_size), o)
-            np.matmul(ctx, layer.w_o, out=proj)  # (T, D)
+            _ops.linear(blk, proj, ctx, layer.w_o)  # (T, D)
             if layer.b_o is not None:
                 proj += layer.b_o
             blk.add_rms_norm(h, a, proj, h, layer.ln_post, eps)  # h += attention; a = RMSNorm(h)
-            np.matmul(a, layer.w_gu, out=gu)  # (T, 2F)
+            _ops.linear(blk, gu, a, layer.w_gu)  # (T, 2F)
             if layer.b_gu is not None:
                 gu += layer.b_gu
             blk.silu_mul(f, gu)  # (T, F)
-            np.matmul(f, layer.w_down, out=proj)  # (T, D)
+            _ops.linear(blk, proj, f, layer.w_down)  # (T, D)
             if layer.b_down is not None:
                 proj += layer.b_down
             g = layers[i + 1].ln_in if i + 1 < len(layers) else w["norm"]

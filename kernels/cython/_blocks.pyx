@@ -483,3 +483,34 @@ def split_qkv_rope(floating[:, :, :, ::1] q, floating[:, :, :, ::1] k, floating[
                 dst = &v[b, h, offset + n, 0]
                 for e in range(d):
                     dst[e] = row[lo + e] + bias[lo + e]
+
+
+cdef inline floating dot_row(const floating* a, const floating* b, Py_ssize_t K) noexcept nogil:
+    """sum a[k] b[k] in LANES partial sums (vectorised), combined at the end."""
+    cdef floating acc[LANES]
+    cdef floating total = 0
+    cdef Py_ssize_t j, u, nfull = K - K % LANES
+    for u in range(LANES):
+        acc[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            acc[u] = acc[u] + a[j * LANES + u] * b[j * LANES + u]
+    for j in range(nfull, K):
+        total = total + a[j] * b[j]
+    for u in range(LANES):
+        total = total + acc[u]
+    return total
+
+
+def linear(floating[:, ::1] out, const floating[:, ::1] x, const floating[:, ::1] w):
+    """out (T, N) = x (T, K) @ wᵀ, w (N, K): each output column is one thread's dot products (a decode step)."""
+    cdef Py_ssize_t T = x.shape[0], K = x.shape[1], N = w.shape[0], n, t
+    if T * N == 0:
+        return
+    if K == 0:
+        out[:, :] = 0
+        return
+    with nogil:
+        for n in prange(N, schedule="static", num_threads=_n_threads):
+            for t in range(T):
+                out[t, n] = dot_row(&x[t, 0], &w[n, 0], K)

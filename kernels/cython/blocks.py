@@ -35,6 +35,7 @@ rms_norm = _blocks.rms_norm
 add_rms_norm = _blocks.add_rms_norm
 silu_mul = _blocks.silu_mul
 split_qkv_rope = _blocks.split_qkv_rope
+linear = _blocks.linear
 openmp_enabled = _blocks.openmp_enabled
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "add_rms_norm",
     "silu_mul",
     "split_qkv_rope",
+    "linear",
     "get_num_threads",
     "set_num_threads",
     "openmp_enabled",

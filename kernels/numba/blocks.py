@@ -55,6 +55,7 @@ __all__ = [
     "add_rms_norm",
     "silu_mul",
     "split_qkv_rope",
+    "linear",
     "get_num_threads",
     "set_num_threads",
     "warmup",
@@ -452,3 +453,25 @@ def silu_mul(out, x):
 
 def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin, offset):
     _split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, float(eps), bool(has_norm), cos, sin, int(offset))
+
+
+@njit(**KERNEL)
+def _linear(out, x, w):
+    """out (T, N) = x (T, K) @ wᵀ, w (N, K): each output column is one thread's dot products (a decode step)."""
+    T, K = x.shape
+    N = w.shape[0]
+    if T == 0:
+        return
+    zero = const(x[0, 0], 0.0)
+    for n in prange(N):
+        row = w[n]  # (K,) contiguous
+        for t in range(T):
+            xr = x[t]
+            acc = zero
+            for k in range(K):
+                acc += xr[k] * row[k]
+            out[t, n] = acc
+
+
+def linear(out, x, w):
+    _linear(out, x, w)

@@ -12,8 +12,10 @@ Measured (best of ``--repeats`` runs each, interleaved):
   steps after the first token (transformers: the time of ``generate(64)`` minus that of ``generate(1)``);
 - the memory-bandwidth limit of decoding: every step reads all the weights once (the layers and the tied LM head),
   so at most ``copy rate / weight bytes`` steps per second (times the batch in tokens); the copy rate is that of
-  ``np.copyto`` over a 512 MiB array (bytes read per second) measured in the same run;
-- fastattn's decode at batch 1 on 1 and on 2 threads (the kernels' and BLAS's).
+  ``np.copyto`` over a 512 MiB array (bytes read plus bytes written, per second) measured in the same run;
+- fastattn's decode at batch 1 on 1 and on 2 threads (the kernels' and BLAS's);
+- prefill once more with NumPy's OpenBLAS held to one thread (fastattn's kernels on ``--threads``): on a busy
+  machine OpenBLAS's threads wait for cores that other processes hold (the load average is printed).
 
 Targets (issue 15): decode >= 2x transformers' tokens/s at batch 1 and >= 1.25x at batch 8 and in prefill.
 
@@ -39,7 +41,8 @@ SHAPE = dict(
 
 
 def copy_rate(nbytes=512 << 20, repeats=3) -> float:
-    """Bytes per second that ``np.copyto`` reads (and writes) on a large array: the memory bandwidth at hand."""
+    """Bytes per second that ``np.copyto`` moves over a large array, counting what it reads and what it writes
+    (2 x nbytes): the memory bandwidth at hand."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     best = float("inf")
@@ -47,7 +50,7 @@ def copy_rate(nbytes=512 << 20, repeats=3) -> float:
         t = time.perf_counter()
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
-    return nbytes / best
+    return 2 * nbytes / best
 
 
 def best_of(fn, repeats):
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
     rate = copy_rate()
     print(f"# Llama {args.layers} layers x 576 (SmolLM2-135M's shape), float32, {args.threads} threads, "
           f"fastattn backend {backend}; logits agree to {err:.1e} of their scale")  # fmt: skip
+    print(f"# load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"# weights {weight_bytes / 2**20:.0f} MiB; copy rate {rate / 1e9:.1f} GB/s -> decode limit "
           f"{rate / weight_bytes:.1f} steps/s")  # fmt: skip
     rows = []
@@ -112,6 +116,9 @@ def main(argv=None) -> int:
     t_hf, _ = best_of(hf_prefill, args.repeats)
     t_fa, _ = best_of(lambda: ours(prompt), args.repeats)
     rows.append(("prefill 256, batch 1", 256 / t_hf, 256 / t_fa, None))
+    with threadpool_limits(1):  # NumPy's OpenBLAS on one thread, fastattn's kernels on --threads
+        t_fa1, _ = best_of(lambda: ours(prompt), args.repeats)
+    rows.append(("  the same, OpenBLAS 1 thread", 256 / t_hf, 256 / t_fa1, None))
 
     for batch in (1, 8):
         ids = rng.integers(0, shape["vocab_size"], (batch, 32))

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .. import _validation as V
+from .._cython_compat import lse_scratch  # TEMPORARY until cython-backward merges (then: np.empty)
 from ._checkpoint import CheckpointError
 
 #: config.json activation names -> the block kernel that applies it after the bias add.
@@ -88,22 +89,18 @@ def attend(kern, out, q, k, v, scale: float, causal: bool, causal_offset: int, b
 
     ``k, v`` may have fewer heads than ``q`` (grouped-query attention: the kernel maps query head h to key/value
     head h // (Hq // Hkv), nothing is copied). ``window`` W > 0 (with ``causal``): key j is visible to query i only
-    when i + causal_offset - W < j; the kernels here take no window argument yet, so the band is passed as an
-    additive (L, S) mask read through broadcasting (zero strides over batch and heads).
+    when i + causal_offset - W < j (the kernels skip the key tiles outside the band).
     """
     B, H, L, _ = q.shape
     S = k.shape[2]
-    has_mask = bool(window)
-    if has_mask:
-        rows = np.arange(L)[:, None] + causal_offset  # (L, 1): each query's causal position
-        band = np.where(np.arange(S)[None, :] > rows - window, 0.0, -np.inf).astype(q.dtype)  # (L, S)
-        mask = np.broadcast_to(band, (B, H, L, S))
-    else:
-        mask = _absent(q.dtype, (B, H, L, S))
+    mask = _absent(q.dtype, (B, H, L, S))
     has_bias = bias is not None
     if not has_bias:
         bias = _absent(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, bias, has_bias)
+    lse = lse_scratch(kern, (B, H, L), q.dtype)  # TEMPORARY until cython-backward merges (then: np.empty)
+    kern.attention(
+        out, lse, q, k, v, float(scale), bool(causal), int(causal_offset), int(window), mask, False, bias, has_bias
+    )
 
 
 #: Below this many elements in a step's widest activation (tokens x width), the kernels run on one thread: waking a

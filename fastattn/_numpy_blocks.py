@@ -25,6 +25,22 @@ Kernels (``y`` is ``x + bias`` in the ``bias_*`` forms):
 - ``split_qkv(q, k, v, qkv, bias, offset)``: ``qkv + bias`` (B, L, 3·H·d) split into heads, ``q`` (B, H, L, d);
   ``k, v`` (B, H, T, d) receive rows ``offset .. offset + L - 1`` (a KV cache), nothing else is written.
 - ``merge_heads(out, o)``: ``o`` (B, H, L, d) -> ``out`` (B, L, H·d).
+
+Llama-family kernels:
+
+- ``rms_norm(out, x, gamma, eps)``: ``x / sqrt(mean(x²) + eps) * gamma`` per row (statistics in float64).
+- ``add_rms_norm(out_sum, out_norm, x, residual, gamma, eps)``: ``out_sum = x + residual`` and its RMSNorm
+  (a pre-norm block's residual add fused with the next norm); ``out_sum`` may be ``residual``.
+- ``silu_mul(out, x)``: SwiGLU's activation product. ``x`` (R, 2F) holds gate | up side by side (one matmul with the
+  two weights concatenated); ``out`` (R, F) ``= silu(gate) * up``, ``silu(g) = g / (1 + exp(-g))``.
+- ``split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin, offset)``: ``qkv + bias``
+  (B, L, (Hq + 2·Hkv)·d) split into ``q`` (B, Hq, L, d) and the cache rows ``offset .. offset + L - 1`` of ``k, v``
+  (B, Hkv, T, d) (grouped-query attention: fewer key/value heads); with ``has_norm`` each q and k head is
+  RMS-normalised over d with ``q_gamma`` / ``k_gamma`` (d,) (Qwen3); then q and k are rotated (RoPE, the
+  non-interleaved Hugging Face layout of ``rope``) by the angles of each token: ``cos, sin`` (B·L, d // 2), token
+  ``b·L + n``. Nothing else is written.
+- ``linear(out, x, w)``: ``out (T, N) = x (T, K) @ wᵀ`` with ``w (N, K)`` in Hugging Face ``Linear``'s layout: the
+  matmul of a decode step (few rows T), parallel over the rows of ``w`` so that a thread count owns its columns.
 """
 
 from __future__ import annotations
@@ -47,6 +63,11 @@ __all__ = [
     "bias_residual_and_layer_norm",
     "split_qkv",
     "merge_heads",
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "split_qkv_rope",
+    "linear",
     "get_num_threads",
     "set_num_threads",
 ]
@@ -149,3 +170,63 @@ def get_num_threads():
 
 def set_num_threads(n):
     """The oracle is single-threaded NumPy; its thread count cannot change."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Llama-family kernels (RMSNorm, SwiGLU, q/k/v heads with RoPE)
+# --------------------------------------------------------------------------------------------------------------
+def rms_rows(x, gamma, eps):
+    """RMSNorm of each row of x (R, D): x / sqrt(mean(x²) + eps) * gamma, statistics in float64."""
+    x64 = np.asarray(x, dtype=np.float64)  # (R, D)
+    ms = (x64 * x64).mean(axis=-1, keepdims=True)  # (R, 1)
+    return (x64 / np.sqrt(ms + eps) * gamma).astype(x.dtype)  # (R, D)
+
+
+def silu(g):
+    """g / (1 + exp(-g)), in float64, returned in g's dtype."""
+    g64 = np.asarray(g, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return (g64 / (1.0 + np.exp(-g64))).astype(np.asarray(g).dtype)
+
+
+def rotate_half(x, cos, sin):
+    """RoPE, Hugging Face layout: x (..., d), cos/sin (..., d/2) broadcasting against x's leading axes."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]  # (..., d/2) each
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (..., d)
+
+
+def rms_norm(out, x, gamma, eps):
+    out[...] = rms_rows(x, gamma, eps)
+
+
+def add_rms_norm(out_sum, out_norm, x, residual, gamma, eps):
+    total = x + residual  # (R, D)
+    out_sum[...] = total
+    out_norm[...] = rms_rows(total, gamma, eps)
+
+
+def silu_mul(out, x):
+    F = out.shape[1]
+    out[...] = silu(x[:, :F]) * x[:, F:]  # (R, F)
+
+
+def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin, offset):
+    B, Hq, L, d = q.shape
+    Hkv = k.shape[1]
+    y = qkv + bias  # (B, L, (Hq + 2 Hkv) d)
+    yq = y[..., : Hq * d].reshape(B, L, Hq, d).transpose(0, 2, 1, 3)  # (B, Hq, L, d)
+    yk = y[..., Hq * d : (Hq + Hkv) * d].reshape(B, L, Hkv, d).transpose(0, 2, 1, 3)  # (B, Hkv, L, d)
+    yv = y[..., (Hq + Hkv) * d :].reshape(B, L, Hkv, d).transpose(0, 2, 1, 3)
+    if has_norm:
+        yq = rms_rows(yq.reshape(-1, d), q_gamma, eps).reshape(yq.shape)
+        yk = rms_rows(yk.reshape(-1, d), k_gamma, eps).reshape(yk.shape)
+    c = cos.reshape(B, 1, L, d // 2)  # (B, 1, L, d/2): one angle set per token, shared by the heads
+    s = sin.reshape(B, 1, L, d // 2)
+    q[...] = rotate_half(yq, c, s)
+    k[:, :, offset : offset + L] = rotate_half(yk, c, s)
+    v[:, :, offset : offset + L] = yv
+
+
+def linear(out, x, w):
+    out[...] = x @ w.T  # (T, K) @ (K, N)

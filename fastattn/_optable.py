@@ -154,6 +154,23 @@ OPS: tuple[Op, ...] = (
         "qkv + bias split into heads; k, v rows offset.. (a KV cache)",
     ),
     Op("merge_heads", "blocks", "out (B, L, H·d), o (B, H, L, d)", "heads merged"),
+    # ---- blocks of the Llama family ---------------------------------------------------------------------------------
+    Op("rms_norm", "blocks", "out (R, D), x (R, D), gamma (D,), eps", "x / sqrt(mean(x²) + eps) · gamma"),
+    Op(
+        "add_rms_norm",
+        "blocks",
+        "out_sum (R, D), out_norm (R, D), x, residual, gamma, eps",
+        "the residual stream x + residual and its RMSNorm",
+    ),
+    Op("silu_mul", "blocks", "out (R, F), x (R, 2F)", "silu(x[:, :F]) · x[:, F:] (SwiGLU's gate times up)"),
+    Op(
+        "split_qkv_rope",
+        "blocks",
+        "q (B, Hq, L, d), k (B, Hkv, T, d), v (B, Hkv, T, d), qkv (B, L, (Hq + 2 Hkv) d), bias, q_gamma, k_gamma, eps, "
+        "has_norm, cos (L, d/2), sin (L, d/2), offset",
+        "qkv + bias split into heads, per-head RMSNorm of q, k (Qwen3) when has_norm, RoPE; k, v rows offset..",
+    ),
+    Op("linear", "blocks", "out (T, N), x (T, K), w (N, K)", "x @ wᵀ for a few rows (decode steps)"),
 )
 
 BY_NAME: dict[tuple[str, str], Op] = {(op.family, op.name): op for op in OPS}

@@ -560,8 +560,8 @@ def test_shape_disagreeing_with_config_is_named(bert, gpt2, tmp_path):
 
 def test_unknown_architecture_and_bad_config(bert, tmp_path):
     target = _copy(bert[0], tmp_path)
-    _edit_config(target, model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(fastattn.models.CheckpointError, match=r"unsupported model_type 'llama'.*BERT-family"):
+    _edit_config(target, model_type="mamba", architectures=["MambaForCausalLM"])
+    with pytest.raises(fastattn.models.CheckpointError, match=r"unsupported model_type 'mamba'.*BERT-family"):
         fastattn.models.load(target)
     _edit_config(target, model_type="bert", hidden_act="swish")
     with pytest.raises(fastattn.models.CheckpointError, match=r"hidden_act='swish' is not supported"):

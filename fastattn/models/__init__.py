@@ -1,8 +1,11 @@
-"""Run Hugging Face checkpoints on fastattn's kernels: BERT-family encoders and GPT-2-family decoders.
+"""Run Hugging Face checkpoints on fastattn's kernels: BERT-family encoders, GPT-2 and Llama-family decoders.
 
 ``load(path)`` reads a local model directory (``config.json`` + ``model.safetensors``, read with the safetensors
-package's NumPy API: no PyTorch) and returns a ``BertModel`` or a ``GPT2Model`` by ``config.json``'s
-``model_type``. Every block runs on the chosen backend: the embedding gather fused with the position add, the fused
+package's NumPy API: no PyTorch; bfloat16 tensors are widened from their bytes) and returns a ``BertModel``, a
+``GPT2Model`` or a ``LlamaModel`` (Llama, Mistral, Qwen2, Qwen3) by ``config.json``'s ``model_type``; or a single
+GGUF file (llama.cpp's format, read with the ``gguf`` package, quantized tensors dequantized at load) as a
+``LlamaModel``. All models share one base (``fastattn.models.base``): tensor maps, loading, tokenizer, KV cache,
+generation. Every block runs on the chosen backend: the embedding gather fused with the position add, the fused
 attention kernel with padding as structure, and compiled LayerNorm / GELU / bias-and-residual kernels; the matmuls
 use BLAS. Text goes through the tokenizers package when the directory has a ``tokenizer.json``.
 
@@ -39,16 +42,20 @@ import numpy as np  # noqa: E402
 from .. import _backends  # noqa: E402
 from .. import _validation as V  # noqa: E402
 from ._checkpoint import CheckpointError, read_config  # noqa: E402
+from .base import DecoderOutput, GenerationOutput, KVCache  # noqa: E402
 from .bert import BertConfig, BertModel, EncoderOutput  # noqa: E402
-from .gpt2 import DecoderOutput, GenerationOutput, GPT2Config, GPT2Model, KVCache  # noqa: E402
+from .gpt2 import GPT2Config, GPT2Model  # noqa: E402
+from .llama import LlamaConfig, LlamaModel  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 
 __all__ = [
     "load",
     "BertModel",
     "GPT2Model",
+    "LlamaModel",
     "BertConfig",
     "GPT2Config",
+    "LlamaConfig",
     "EncoderOutput",
     "DecoderOutput",
     "GenerationOutput",
@@ -61,18 +68,20 @@ __all__ = [
 
 #: config.json model_type values that ``load`` runs, by class.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
-DECODER_TYPES = ("gpt2",)
+DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
-def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | GPT2Model:
-    """Load a local Hugging Face model directory as a ``BertModel`` (encoder) or ``GPT2Model`` (decoder).
+def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | GPT2Model | LlamaModel:
+    """Load a local Hugging Face model directory or a GGUF file as a ``BertModel`` (encoder), a ``GPT2Model`` or a
+    ``LlamaModel`` (decoders).
 
     Parameters
     ----------
     path : str or os.PathLike
         A directory with ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
         ``tokenizer.json`` and sentence-transformers' ``modules.json`` / ``1_Pooling/config.json`` are used when
-        present.
+        present. Or the path of a ``.gguf`` file (architectures llama, mistral, qwen2, qwen3; tensor types F32,
+        F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), whose metadata gives the config and the tokenizer.
     backend : str, optional
         ``"numba"``, ``"cython"`` or ``"numpy"`` (the oracle) for every call of the model; None follows
         ``fastattn.use_backend`` / ``FASTATTN_BACKEND`` / the automatic choice at each call.
@@ -81,8 +90,8 @@ def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | G
 
     Returns
     -------
-    BertModel or GPT2Model
-        Chosen by ``config.json``'s ``model_type`` (else its ``architectures``).
+    BertModel, GPT2Model or LlamaModel
+        Chosen by ``config.json``'s ``model_type`` (else its ``architectures``), or the GGUF's architecture.
 
     Raises
     ------
@@ -92,7 +101,7 @@ def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | G
         An unsupported architecture, a missing tensor or a tensor whose shape disagrees with ``config.json``
         (the message names it).
     ImportError
-        safetensors is not installed (``pip install "fastattn[models]"``).
+        safetensors (or, for GGUF, gguf) is not installed (``pip install "fastattn[models]"``).
 
     Examples
     --------
@@ -105,9 +114,16 @@ def load(path, *, backend: str | None = None, dtype=np.float32) -> BertModel | G
     dtype = V.float_dtype("dtype", dtype)
     if backend is not None:
         backend = _backends.resolve_name(backend)  # an unknown or unavailable backend fails here, not later
+    if os.path.isfile(path):
+        from . import gguf_file
+
+        return gguf_file.load(path, backend=backend, dtype=dtype)
     config = read_config(path)
     kind = _kind(config, path)
-    cls = BertModel if kind == "encoder" else GPT2Model
+    if kind == "encoder":
+        cls = BertModel
+    else:
+        cls = LlamaModel if config.get("model_type") in LlamaModel.model_types else GPT2Model
     return cls.from_pretrained(path, backend=backend, dtype=dtype, config=config)
 
 
@@ -123,8 +139,13 @@ def _kind(config: dict, path: str) -> str:
             return "encoder"
         if any(str(a).startswith("GPT2") for a in architectures):
             return "decoder"
+        if any(str(a).startswith(("Llama", "Mistral", "Qwen2", "Qwen3")) for a in architectures):
+            raise CheckpointError(
+                f"{os.path.join(path, 'config.json')}: a {architectures[0]} checkpoint without model_type: add "
+                '"model_type" (llama, mistral, qwen2 or qwen3) to config.json'
+            )
     raise CheckpointError(
         f"{os.path.join(path, 'config.json')}: unsupported model_type {model_type!r} (architectures "
         f"{architectures}); fastattn.models runs BERT-family encoders (model_type {', '.join(ENCODER_TYPES)}) and "
-        f"GPT-2-family decoders (model_type {', '.join(DECODER_TYPES)})"
+        f"GPT-2 and Llama-family decoders (model_type {', '.join(DECODER_TYPES)})"
     )

@@ -1,12 +1,15 @@
 """Reading a Hugging Face model directory: ``config.json``, the safetensors weights, and what they must agree on.
 
 Weights are read with the ``safetensors`` package's NumPy API (never torch), imported only when a model is loaded.
+NumPy has no bfloat16, so bfloat16 tensors are read from their bytes (the file's header gives each tensor's byte
+range) and widened exactly: a bfloat16 is the top 16 bits of a float32.
 Every problem is a ``CheckpointError`` (a ``ValueError``) that names the file or the tensor and says what was
 expected: an unknown architecture, a missing tensor, a shape that disagrees with ``config.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -144,10 +147,14 @@ class TensorStore:
                 f"{WEIGHT_FILE} in {self.directory!r} is missing the tensor {full!r}" + (f" ({what})" if what else "")
             )
         safe_open = import_safetensors()
+        path = self._where[full]
         try:
-            with safe_open(self._where[full], framework="numpy") as f:
-                array = f.get_tensor(full)
-        except Exception as exc:  # e.g. bfloat16, which NumPy cannot represent
+            if _header(path)[1].get(full, {}).get("dtype") == "BF16":
+                array = read_bfloat16(path, full)
+            else:
+                with safe_open(path, framework="numpy") as f:
+                    array = f.get_tensor(full)
+        except Exception as exc:  # a type NumPy cannot represent (e.g. float8), a truncated file
             raise CheckpointError(f"cannot read the tensor {full!r} with NumPy: {exc}") from exc
         if tuple(array.shape) != tuple(shape):
             raise CheckpointError(
@@ -157,4 +164,62 @@ class TensorStore:
         if array.dtype.kind != "f":
             raise CheckpointError(f"the tensor {full!r} has dtype {array.dtype}, expected a floating type")
         self._used.add(full)
+        return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _header(path: str) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file: 8 bytes of little-endian length, then that much JSON."""
+    st = os.stat(path)
+    return _header_of(path, st.st_mtime_ns, st.st_size)  # a rewritten file is read again
+
+
+@functools.lru_cache(maxsize=16)
+def _header_of(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, json.loads(f.read(n))
+
+
+def read_bfloat16(path: str, name: str) -> np.ndarray:
+    """A bfloat16 tensor of a safetensors file as float32, exactly (its 16 bits become a float32's top 16)."""
+    n, header = _header(path)
+    info = header[name]
+    start, end = info["data_offsets"]
+    raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + n + start)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+class DictStore:
+    """In-memory tensors (name -> array, e.g. a state dict turned into NumPy) behind ``TensorStore``'s interface."""
+
+    def __init__(self, tensors: dict, where: str = "the tensors given"):
+        self._tensors = dict(tensors)
+        self.directory = where
+        self.prefix = ""
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def find_prefix(self, anchor: str, candidates) -> str:
+        for prefix in candidates:
+            if prefix + anchor in self._tensors:
+                self.prefix = prefix
+                return prefix
+        raise CheckpointError(f"{self.directory} lack the tensor {anchor!r} (looked under {list(candidates)})")
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self._tensors
+
+    def get(self, name: str, shape: tuple[int, ...], dtype, *, what: str = "") -> np.ndarray:
+        full = self.prefix + name
+        if full not in self._tensors:
+            raise CheckpointError(f"{self.directory} lack the tensor {full!r}" + (f" ({what})" if what else ""))
+        array = np.asarray(self._tensors[full])
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(
+                f"the tensor {full!r} has shape {tuple(array.shape)} but the config implies {tuple(shape)}"
+                + (f" ({what})" if what else "")
+            )
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"the tensor {full!r} has dtype {array.dtype}, expected a floating type")
         return np.ascontiguousarray(array, dtype=dtype)

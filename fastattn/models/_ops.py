@@ -88,3 +88,19 @@ def threads_for(work: int, *modules):
     if work >= SERIAL_BELOW:
         return contextlib.nullcontext()
     return _threads.local_threads(1, *modules)
+
+
+#: Steps of at most this many token rows (decoding) run their matmuls on the block kernels' ``linear``: dot products
+#: along the rows of a weight kept in Hugging Face's (out, in) layout, on the block kernels' threads. Measured on the
+#: 2-core machine beside other work, NumPy's OpenBLAS threads made a SmolLM2-size decode step 10x slower than one
+#: thread: each small GEMV waited for a second thread that had no core.
+LINEAR_ROWS = 16
+
+
+def linear(blk, out, x, w) -> None:
+    """out (T, N) = x (T, K) @ wᵀ for a weight w (N, K): ``blk.linear`` for a few rows, else BLAS (which reads the
+    transposed view in place)."""
+    if x.shape[0] <= LINEAR_ROWS:
+        blk.linear(out, x, w)
+    else:
+        np.matmul(x, w.T, out=out)

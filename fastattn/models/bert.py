@@ -14,7 +14,6 @@ The embeddings are one gather kernel (word + position + token type rows) and a L
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +21,8 @@ import numpy as np
 from .. import _call
 from .. import _validation as V
 from . import _ops
-from ._checkpoint import CheckpointError, TensorStore, config_value, read_config, read_json
-from .tokenizer import Tokenizer
+from ._checkpoint import CheckpointError, config_value, read_json
+from .base import Model, Weight, read_weights
 
 __all__ = ["BertConfig", "BertModel", "EncoderOutput"]
 
@@ -87,6 +86,37 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
 
+#: checkpoint tensor -> model weight (names under the prefix: "" or "bert." / "roberta." in task checkpoints).
+TENSORS = (
+    Weight("word", "embeddings.word_embeddings.weight", ("vocab_size", "hidden_size"), "(vocab_size, hidden_size)"),
+    Weight("positions", "embeddings.position_embeddings.weight", ("max_positions", "hidden_size"),
+           "(max_position_embeddings, hidden_size)"),
+    Weight("types", "embeddings.token_type_embeddings.weight", ("type_vocab_size", "hidden_size"),
+           "(type_vocab_size, hidden_size)"),
+    Weight("ln_g", "embeddings.LayerNorm.weight", ("hidden_size",)),
+    Weight("ln_b", "embeddings.LayerNorm.bias", ("hidden_size",)),
+)  # fmt: skip
+_P = "encoder.layer.{i}."
+LAYER_TENSORS = (
+    Weight("wq", _P + "attention.self.query.weight", ("hidden_size", "hidden_size")),
+    Weight("bq", _P + "attention.self.query.bias", ("hidden_size",)),
+    Weight("wk", _P + "attention.self.key.weight", ("hidden_size", "hidden_size")),
+    Weight("bk", _P + "attention.self.key.bias", ("hidden_size",)),
+    Weight("wv", _P + "attention.self.value.weight", ("hidden_size", "hidden_size")),
+    Weight("bv", _P + "attention.self.value.bias", ("hidden_size",)),
+    Weight("wo", _P + "attention.output.dense.weight", ("hidden_size", "hidden_size")),
+    Weight("bo", _P + "attention.output.dense.bias", ("hidden_size",)),
+    Weight("ln1_g", _P + "attention.output.LayerNorm.weight", ("hidden_size",)),
+    Weight("ln1_b", _P + "attention.output.LayerNorm.bias", ("hidden_size",)),
+    Weight("wi", _P + "intermediate.dense.weight", ("intermediate_size", "hidden_size")),
+    Weight("bi", _P + "intermediate.dense.bias", ("intermediate_size",)),
+    Weight("wf", _P + "output.dense.weight", ("hidden_size", "intermediate_size")),
+    Weight("bf", _P + "output.dense.bias", ("hidden_size",)),
+    Weight("ln2_g", _P + "output.LayerNorm.weight", ("hidden_size",)),
+    Weight("ln2_b", _P + "output.LayerNorm.bias", ("hidden_size",)),
+)
+
+
 @dataclass
 class _Layer:
     w_qkv: np.ndarray  # (D, 3D)  Q, K, V projections side by side, applied as x @ w
@@ -129,7 +159,7 @@ class _Pooling:
     source: str = "default"
 
 
-class BertModel:
+class BertModel(Model):
     """A BERT-family encoder running on fastattn's kernels. Build it with ``fastattn.models.load``.
 
     Parameters
@@ -155,6 +185,8 @@ class BertModel:
     (2, 384)
     """
 
+    config_class = BertConfig
+
     def __init__(
         self,
         config: BertConfig,
@@ -166,13 +198,8 @@ class BertModel:
         pooling: _Pooling | None = None,
         path: str | None = None,
     ):
-        self.config = config
-        self.backend = backend
-        self.dtype = np.dtype(dtype)
-        self.tokenizer = tokenizer
+        super().__init__(config, weights, backend=backend, dtype=dtype, tokenizer=tokenizer, path=path)
         self.pooling = pooling or _Pooling()
-        self.path = path
-        self._w = weights
 
     # ----------------------------------------------------------------------------------------------------------
     # Loading
@@ -181,73 +208,43 @@ class BertModel:
     def from_pretrained(cls, path, *, backend=None, dtype=np.float32, config: dict | None = None) -> BertModel:
         """Load ``path`` (``config.json`` + ``model.safetensors``, optionally ``tokenizer.json`` and the
         sentence-transformers files ``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``)."""
-        path = os.fspath(path)
-        raw = read_config(path) if config is None else config
-        cfg = BertConfig.from_dict(raw)
-        dtype = V.float_dtype("dtype", dtype)
-        store = TensorStore(path)
-        prefixes = MODEL_TYPES.get(cfg.model_type, ("", "bert."))
-        store.find_prefix("embeddings.word_embeddings.weight", prefixes)
-        D, F = cfg.hidden_size, cfg.intermediate_size
-        get = store.get
-        w = {
-            "word": get(
-                "embeddings.word_embeddings.weight", (cfg.vocab_size, D), dtype, what="(vocab_size, hidden_size)"
-            ),
-            "positions": get(
-                "embeddings.position_embeddings.weight",
-                (cfg.max_positions, D),
-                dtype,
-                what="(max_position_embeddings, hidden_size)",
-            ),
-            "types": get(
-                "embeddings.token_type_embeddings.weight",
-                (cfg.type_vocab_size, D),
-                dtype,
-                what="(type_vocab_size, hidden_size)",
-            ),
-            "ln_g": get("embeddings.LayerNorm.weight", (D,), dtype),
-            "ln_b": get("embeddings.LayerNorm.bias", (D,), dtype),
-        }
+        model = super().from_pretrained(path, backend=backend, dtype=dtype, config=config)
+        model.pooling = _read_pooling(model.path, model.config)
+        return model
+
+    @classmethod
+    def _prefixes(cls, cfg: BertConfig):
+        return "embeddings.word_embeddings.weight", MODEL_TYPES.get(cfg.model_type, ("", "bert."))
+
+    @classmethod
+    def _weights(cls, store, cfg: BertConfig, dtype) -> dict:
+        w = read_weights(
+            store, TENSORS, cfg, dtype, layers=cfg.num_layers, layer_map=LAYER_TENSORS,
+            layer_what=lambda i: f"layer {i} of num_hidden_layers={cfg.num_layers}",
+        )  # fmt: skip
         layers = []
-        for i in range(cfg.num_layers):
-            p = f"encoder.layer.{i}."
-            what = f"layer {i} of num_hidden_layers={cfg.num_layers}"
-
-            def linear(name, n_out, n_in, p=p, what=what):  # HF Linear: weight (out, in) -> x @ weight.T
-                weight = get(p + name + ".weight", (n_out, n_in), dtype, what=what)
-                return weight.T, get(p + name + ".bias", (n_out,), dtype, what=what)
-
-            wq, bq = linear("attention.self.query", D, D)
-            wk, bk = linear("attention.self.key", D, D)
-            wv, bv = linear("attention.self.value", D, D)
-            wo, bo = linear("attention.output.dense", D, D)
-            wi, bi = linear("intermediate.dense", F, D)
-            wf, bf = linear("output.dense", D, F)
+        for raw in w["layers"]:  # Hugging Face Linear weights are (out, in): applied as x @ weight.T
             layers.append(
                 _Layer(
-                    w_qkv=np.ascontiguousarray(np.concatenate([wq, wk, wv], axis=1)),
-                    b_qkv=np.concatenate([bq, bk, bv]),
-                    w_o=np.ascontiguousarray(wo),
-                    b_o=bo,
-                    ln1_g=get(p + "attention.output.LayerNorm.weight", (D,), dtype, what=what),
-                    ln1_b=get(p + "attention.output.LayerNorm.bias", (D,), dtype, what=what),
-                    w_in=np.ascontiguousarray(wi),
-                    b_in=bi,
-                    w_out=np.ascontiguousarray(wf),
-                    b_out=bf,
-                    ln2_g=get(p + "output.LayerNorm.weight", (D,), dtype, what=what),
-                    ln2_b=get(p + "output.LayerNorm.bias", (D,), dtype, what=what),
+                    w_qkv=np.ascontiguousarray(np.concatenate([raw["wq"].T, raw["wk"].T, raw["wv"].T], axis=1)),
+                    b_qkv=np.concatenate([raw["bq"], raw["bk"], raw["bv"]]),
+                    w_o=np.ascontiguousarray(raw["wo"].T),
+                    b_o=raw["bo"],
+                    ln1_g=raw["ln1_g"],
+                    ln1_b=raw["ln1_b"],
+                    w_in=np.ascontiguousarray(raw["wi"].T),
+                    b_in=raw["bi"],
+                    w_out=np.ascontiguousarray(raw["wf"].T),
+                    b_out=raw["bf"],
+                    ln2_g=raw["ln2_g"],
+                    ln2_b=raw["ln2_b"],
                 )
             )
         w["layers"] = layers
         if store.has("pooler.dense.weight"):
-            w["pooler_w"] = np.ascontiguousarray(get("pooler.dense.weight", (D, D), dtype).T)
-            w["pooler_b"] = get("pooler.dense.bias", (D,), dtype)
-        tokenizer = Tokenizer.load_optional(path, pad_id=cfg.pad_token_id)
-        return cls(
-            cfg, w, backend=backend, dtype=dtype, tokenizer=tokenizer, pooling=_read_pooling(path, cfg), path=path
-        )
+            w["pooler_w"] = np.ascontiguousarray(store.get("pooler.dense.weight", (cfg.hidden_size,) * 2, dtype).T)
+            w["pooler_b"] = store.get("pooler.dense.bias", (cfg.hidden_size,), dtype)
+        return w
 
     # ----------------------------------------------------------------------------------------------------------
     # The forward pass
@@ -443,13 +440,7 @@ class BertModel:
     embed_sentences = encode
 
     def _encode_texts(self, texts, mode, normalize, batch_size, backend):
-        if self.tokenizer is None:
-            where = self.path or "the model directory"
-            if _has_tokenizer(self.path or ""):
-                from .tokenizer import import_tokenizers
-
-                import_tokenizers()  # raises the ImportError with the install hint
-            raise ValueError(f"{where} has no tokenizer.json: pass token ids instead of text")
+        self._require_tokenizer()
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         limit = self.pooling.max_length or self.config.max_positions
@@ -482,10 +473,6 @@ def _pool(hidden: np.ndarray, keep: np.ndarray, mode: str, normalize: bool) -> n
         norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
         pooled = pooled / np.maximum(norms, 1e-12)  # torch.nn.functional.normalize's eps
     return np.ascontiguousarray(pooled, dtype=hidden.dtype)
-
-
-def _has_tokenizer(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
 
 
 def _read_pooling(path: str, cfg: BertConfig) -> _Pooling:

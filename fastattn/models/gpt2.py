@@ -14,28 +14,26 @@ One block, pre-LayerNorm, as Hugging Face's ``GPT2Block`` computes it, with the 
 The cache holds, per layer, keys and values of shape (B, H, capacity, d), allocated once. A step with L new tokens
 after ``t`` cached ones writes their keys and values at rows t .. t+L-1 and runs the attention kernel on the whole
 buffer with ``causal=True, causal_offset=t``: query i sees keys j <= t + i (bottom-right alignment), and the kernel
-never visits the rows beyond, so nothing is copied and nothing is recomputed.
+never visits the rows beyond, so nothing is copied and nothing is recomputed. Loading, the cache, the work
+buffers (allocated once per step shape, reused by every decode step) and generation are the shared base's
+(``fastattn.models.base``); this file holds the config, the tensor map and the block.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import _call
-from .. import _validation as V
 from . import _ops
-from ._checkpoint import CheckpointError, TensorStore, config_value, read_config
-from .tokenizer import Tokenizer
+from ._checkpoint import CheckpointError, config_value
+from .base import Decoder, DecoderOutput, GenerationOutput, KVCache, Weight, read_weights
 
 __all__ = ["GPT2Config", "GPT2Model", "KVCache", "DecoderOutput", "GenerationOutput"]
 
 MODEL_TYPES = ("gpt2",)
-_FROM_CONFIG = object()  # generate(eos_token_id=...) default: the config's
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,8 @@ class GPT2Config:
     tie_word_embeddings: bool
     eos_token_id: int | None
     pad_token_id: int | None
+
+    positions_key = "n_positions"  # config.json's name of max_positions, for messages
 
     @classmethod
     def from_dict(cls, config: dict) -> GPT2Config:
@@ -85,12 +85,41 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def qkv_size(self) -> int:
+        return 3 * self.hidden_size
+
+
+#: checkpoint tensor -> model weight. GPT-2's Conv1D weights are already (in, out): applied as x @ w.
+TENSORS = (
+    Weight("wte", "wte.weight", ("vocab_size", "hidden_size"), "(vocab_size, n_embd)"),
+    Weight("wpe", "wpe.weight", ("max_positions", "hidden_size"), "(n_positions, n_embd)"),
+    Weight("lnf_g", "ln_f.weight", ("hidden_size",)),
+    Weight("lnf_b", "ln_f.bias", ("hidden_size",)),
+    Weight("lm_head", "lm_head.weight", ("vocab_size", "hidden_size"), "tie_word_embeddings is false",
+           unless="tie_word_embeddings", root=True),
+)  # fmt: skip
+LAYER_TENSORS = (
+    Weight("ln1_g", "h.{i}.ln_1.weight", ("hidden_size",)),
+    Weight("ln1_b", "h.{i}.ln_1.bias", ("hidden_size",)),
+    Weight("w_attn", "h.{i}.attn.c_attn.weight", ("hidden_size", "qkv_size")),
+    Weight("b_attn", "h.{i}.attn.c_attn.bias", ("qkv_size",)),
+    Weight("w_proj", "h.{i}.attn.c_proj.weight", ("hidden_size", "hidden_size")),
+    Weight("b_proj", "h.{i}.attn.c_proj.bias", ("hidden_size",)),
+    Weight("ln2_g", "h.{i}.ln_2.weight", ("hidden_size",)),
+    Weight("ln2_b", "h.{i}.ln_2.bias", ("hidden_size",)),
+    Weight("w_fc", "h.{i}.mlp.c_fc.weight", ("hidden_size", "inner_size")),
+    Weight("b_fc", "h.{i}.mlp.c_fc.bias", ("inner_size",)),
+    Weight("w_out", "h.{i}.mlp.c_proj.weight", ("inner_size", "hidden_size")),
+    Weight("b_out", "h.{i}.mlp.c_proj.bias", ("hidden_size",)),
+)
+
 
 @dataclass
 class _Layer:
     ln1_g: np.ndarray
     ln1_b: np.ndarray
-    w_attn: np.ndarray  # (D, 3D)  GPT-2's Conv1D is already (in, out): applied as x @ w
+    w_attn: np.ndarray  # (D, 3D)
     b_attn: np.ndarray
     w_proj: np.ndarray  # (D, D)
     b_proj: np.ndarray
@@ -103,117 +132,7 @@ class _Layer:
     scale: float
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated: ``keys[layer]`` is (B, H, capacity, d), C-contiguous.
-
-    ``length`` tokens are filled; ``keep`` (B, capacity) marks which of them are real tokens (False: padding,
-    never attended to). Unfilled rows are zeros and hidden by the causal structure.
-    """
-
-    def __init__(self, num_layers: int, batch: int, num_heads: int, capacity: int, head_dim: int, dtype):
-        shape = (num_layers, batch, num_heads, capacity, head_dim)
-        self.keys = np.zeros(shape, dtype)
-        self.values = np.zeros(shape, dtype)
-        self.keep = np.ones((batch, capacity), bool)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def batch(self) -> int:
-        return self.keys.shape[1]
-
-    def reserve(self, capacity: int) -> None:
-        """Grow to hold ``capacity`` tokens (a copy; ``generate`` sizes the cache once and never grows it)."""
-        if capacity <= self.capacity:
-            return
-        n, B, H, _, d = self.keys.shape
-        old_k, old_v, old_keep = self.keys, self.values, self.keep
-        self.keys = np.zeros((n, B, H, capacity, d), old_k.dtype)
-        self.values = np.zeros_like(self.keys)
-        self.keep = np.ones((B, capacity), bool)
-        t = self.length
-        self.keys[:, :, :, :t] = old_k[:, :, :, :t]
-        self.values[:, :, :, :t] = old_v[:, :, :, :t]
-        self.keep[:, :t] = old_keep[:, :t]
-
-
-@dataclass
-class DecoderOutput:
-    """What ``GPT2Model.forward`` returns.
-
-    Attributes
-    ----------
-    logits : ndarray, shape (B, L, vocab_size)
-    past : KVCache or None
-        The cache, now holding the new tokens too; pass it back as ``past`` to continue.
-    last_hidden_state : ndarray, shape (B, L, D)
-        After the final LayerNorm (``ln_f``), as Hugging Face's ``GPT2Model``.
-    """
-
-    logits: np.ndarray
-    past: KVCache | None
-    last_hidden_state: np.ndarray
-
-
-@dataclass
-class GenerationOutput:
-    """What ``GPT2Model.generate`` returns: the ids and how fast they came. Behaves as the ids array.
-
-    Attributes
-    ----------
-    sequences : ndarray of int64, shape (B, N + new_tokens)
-        The prompt followed by the generated ids (finished rows padded with ``pad_token_id``).
-    new_tokens : int
-        Generated tokens per sequence.
-    batch : int
-        Number of sequences.
-    prefill_seconds, decode_seconds : float
-        Time of the prompt pass (which yields the first new token) and of the decode steps.
-    tokens_per_second : float
-        Generated tokens (all sequences) per second of the whole call.
-    decode_tokens_per_second : float
-        Tokens per second of the decode steps alone (one new token per sequence per step, from the cache).
-    """
-
-    sequences: np.ndarray
-    new_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    batch: int = 1
-
-    @property
-    def tokens_per_second(self) -> float:
-        total = self.prefill_seconds + self.decode_seconds
-        return self.batch * self.new_tokens / total if total > 0 else float("inf")
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = self.new_tokens - 1
-        if steps <= 0:
-            return float("nan")
-        return self.batch * steps / self.decode_seconds if self.decode_seconds > 0 else float("inf")
-
-    def __array__(self, dtype=None, copy=None):
-        return self.sequences if dtype is None else self.sequences.astype(dtype)
-
-    def tolist(self):
-        return self.sequences.tolist()
-
-    @property
-    def shape(self):
-        return self.sequences.shape
-
-    def __len__(self):
-        return len(self.sequences)
-
-    def __getitem__(self, index):
-        return self.sequences[index]
-
-
-class GPT2Model:
+class GPT2Model(Decoder):
     """A GPT-2-family decoder with its tied LM head, running on fastattn's kernels. Build it with
     ``fastattn.models.load``.
 
@@ -228,182 +147,58 @@ class GPT2Model:
     ((1, 22), True)
     """
 
-    def __init__(
-        self,
-        config: GPT2Config,
-        weights: dict,
-        *,
-        backend=None,
-        dtype=np.float32,
-        tokenizer=None,
-        path: str | None = None,
-    ):
-        self.config = config
-        self.backend = backend
-        self.dtype = np.dtype(dtype)
-        self.tokenizer = tokenizer
-        self.path = path
-        self._w = weights
+    config_class = GPT2Config
+    prefixes = ("wte.weight", ("", "transformer."))
 
     @classmethod
-    def from_pretrained(cls, path, *, backend=None, dtype=np.float32, config: dict | None = None) -> GPT2Model:
-        """Load ``path`` (``config.json`` + ``model.safetensors``, optionally ``tokenizer.json``)."""
-        path = os.fspath(path)
-        raw = read_config(path) if config is None else config
-        cfg = GPT2Config.from_dict(raw)
-        dtype = V.float_dtype("dtype", dtype)
-        store = TensorStore(path)
-        store.find_prefix("wte.weight", ("", "transformer."))
-        D, F = cfg.hidden_size, cfg.inner_size
-        get = store.get
-        w = {
-            "wte": get("wte.weight", (cfg.vocab_size, D), dtype, what="(vocab_size, n_embd)"),
-            "wpe": get("wpe.weight", (cfg.max_positions, D), dtype, what="(n_positions, n_embd)"),
-            "lnf_g": get("ln_f.weight", (D,), dtype),
-            "lnf_b": get("ln_f.bias", (D,), dtype),
-        }
+    def _weights(cls, store, cfg: GPT2Config, dtype) -> dict:
+        w = read_weights(
+            store, TENSORS, cfg, dtype, layers=cfg.num_layers, layer_map=LAYER_TENSORS,
+            layer_what=lambda i: f"layer {i} of n_layer={cfg.num_layers}",
+        )  # fmt: skip
         layers = []
-        for i in range(cfg.num_layers):
-            p = f"h.{i}."
-            what = f"layer {i} of n_layer={cfg.num_layers}"
+        for i, raw in enumerate(w["layers"]):
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= i + 1
-            layers.append(
-                _Layer(
-                    ln1_g=get(p + "ln_1.weight", (D,), dtype, what=what),
-                    ln1_b=get(p + "ln_1.bias", (D,), dtype, what=what),
-                    w_attn=get(p + "attn.c_attn.weight", (D, 3 * D), dtype, what=what),
-                    b_attn=get(p + "attn.c_attn.bias", (3 * D,), dtype, what=what),
-                    w_proj=get(p + "attn.c_proj.weight", (D, D), dtype, what=what),
-                    b_proj=get(p + "attn.c_proj.bias", (D,), dtype, what=what),
-                    ln2_g=get(p + "ln_2.weight", (D,), dtype, what=what),
-                    ln2_b=get(p + "ln_2.bias", (D,), dtype, what=what),
-                    w_fc=get(p + "mlp.c_fc.weight", (D, F), dtype, what=what),
-                    b_fc=get(p + "mlp.c_fc.bias", (F,), dtype, what=what),
-                    w_out=get(p + "mlp.c_proj.weight", (F, D), dtype, what=what),
-                    b_out=get(p + "mlp.c_proj.bias", (D,), dtype, what=what),
-                    scale=scale,
-                )
-            )
+            layers.append(_Layer(**raw, scale=scale))
         w["layers"] = layers
-        if not cfg.tie_word_embeddings:
-            saved_prefix, store.prefix = store.prefix, ""
-            w["lm_head"] = np.ascontiguousarray(
-                get("lm_head.weight", (cfg.vocab_size, D), dtype, what="tie_word_embeddings is false").T
-            )
-            store.prefix = saved_prefix
-        else:
-            w["lm_head"] = w["wte"].T  # (D, V) view: BLAS reads the transpose in place
-        tokenizer = Tokenizer.load_optional(path, pad_id=cfg.pad_token_id)
-        return cls(cfg, w, backend=backend, dtype=dtype, tokenizer=tokenizer, path=path)
+        # the LM head as (D, V): a transposed view, which BLAS reads in place
+        w["lm_head"] = w["wte"].T if cfg.tie_word_embeddings else np.ascontiguousarray(w["lm_head"].T)
+        return w
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Forward
-    # ----------------------------------------------------------------------------------------------------------
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens (at most ``n_positions``)."""
-        cfg = self.config
-        batch = V.positive_int("batch", batch)
-        capacity = V.positive_int("capacity", capacity)
-        return KVCache(cfg.num_layers, batch, cfg.num_heads, capacity, cfg.head_dim, self.dtype)
+    def _cache_shape(self):
+        return self.config.num_heads, self.config.head_dim, 0
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        past: KVCache | None = None,
-        *,
-        position_ids=None,
-        use_cache: bool = True,
-        backend=None,
-    ) -> DecoderOutput:
-        """Logits of every position; the keys and values go into ``past`` (a new cache when None).
-
-        Parameters
-        ----------
-        input_ids : array_like of int, shape (B, L) or (L,)
-            The new tokens.
-        attention_mask : array_like, shape (B, past.length + L), optional
-            Hugging Face's convention over the cached and the new tokens: 1 = token, 0 = padding.
-        past : KVCache, optional
-            The cache of the tokens before; it is extended in place (and grown if too small).
-        position_ids : array_like of int, shape (B, L), optional
-            Default ``past.length .. past.length + L - 1`` (as Hugging Face's forward).
-        use_cache : bool
-            Return the cache (``past``) in the output.
-
-        Returns
-        -------
-        DecoderOutput
-            ``logits`` (B, L, vocab_size), ``past``, ``last_hidden_state``.
-        """
-        cfg = self.config
-        ids, squeeze = _ops.token_ids("input_ids", input_ids, cfg.vocab_size)
-        B, L = ids.shape
-        cache = past if past is not None else self.new_cache(B, max(L, 1))
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"past must be a KVCache (from a previous forward or new_cache), got {type(past).__name__}")
-        if cache.batch != B:
-            raise ValueError(f"past holds {cache.batch} sequences but input_ids has {B}")
-        t = cache.length
-        keep = _ops.keep_mask("attention_mask", attention_mask, (B, t + L))
-        positions = self._positions(position_ids, B, L, t)
-        cache.reserve(t + L)
-        if keep is not None:
-            cache.keep[:, : t + L] = keep
-        a = self._run(ids, positions, cache, backend)  # (B·L, D) after ln_f
-        hidden = a.reshape(B, L, cfg.hidden_size)
-        logits = (a @ self._w["lm_head"]).reshape(B, L, cfg.vocab_size)
-        if squeeze:
-            logits, hidden = logits[0], hidden[0]
-        return DecoderOutput(logits=logits, past=cache if use_cache else None, last_hidden_state=hidden)
-
-    __call__ = forward
-
-    def _positions(self, position_ids, B: int, L: int, t: int) -> np.ndarray:
-        cfg = self.config
-        if position_ids is None:
-            if t + L > cfg.max_positions:
-                raise ValueError(f"{t} cached + {L} new tokens exceed the model's n_positions={cfg.max_positions}")
-            return np.ascontiguousarray(np.broadcast_to(np.arange(t, t + L, dtype=np.int64), (B, L)))
-        positions = _ops.token_ids("position_ids", position_ids, cfg.max_positions)[0]
-        return np.ascontiguousarray(np.broadcast_to(positions, (B, L)))
-
-    def _run(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache, backend) -> np.ndarray:
-        """The blocks over L new tokens after cache.length cached ones; returns ln_f's output (B·L, D)."""
-        cfg = self.config
-        kern, blk = _ops.kernels(self.backend if backend is None else backend)
-        T, D = ids.size, cfg.hidden_size
-        h = np.empty((T, D), self.dtype)  # the residual stream
-        a = np.empty((T, D), self.dtype)  # the LayerNorm of the stream: input of the next sublayer
-        if T == 0:
-            return a
-        with _ops.threads_for(T * max(D, cfg.inner_size), kern, blk):  # a decode step: one thread
-            self._blocks(kern, blk, ids, positions, cache, h, a)
-        cache.length += ids.shape[1]
-        return a
-
-    def _blocks(self, kern, blk, ids, positions, cache, h, a) -> None:
-        """Embeddings and every block; h (B·L, D) ends as the residual stream, a as its ln_f."""
-        cfg, w = self.config, self._w
-        dt = self.dtype
-        B, L = ids.shape
-        t = cache.length
+    def _work(self, B: int, L: int, cache) -> dict:
+        cfg, dt = self.config, self.dtype
         T, D, H, d, F = B * L, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.inner_size
+        return {
+            "h": np.empty((T, D), dt),  # the residual stream
+            "a": np.empty((T, D), dt),  # its LayerNorm: the input of the next sublayer
+            "qkv": np.empty((T, 3 * D), dt),
+            "q": np.empty((B, H, L, d), dt),
+            "o": np.empty((B, H, L, d), dt),
+            "ctx": np.empty((T, D), dt),
+            "proj": np.empty((T, D), dt),
+            "f": np.empty((T, F), dt),
+        }
+
+    def _blocks(self, kern, blk, ids, positions, cache, work) -> np.ndarray:
+        """Embeddings and every block; work["h"] (B·L, D) ends as the residual stream, work["a"] as its ln_f."""
+        cfg, w = self.config, self._w
+        B, L = ids.shape
+        t = cache.rows
+        D = cfg.hidden_size
         eps = cfg.layer_norm_eps
         layers = w["layers"]
+        h, a, qkv, q, o = work["h"], work["a"], work["qkv"], work["q"], work["o"]
+        ctx, proj, f = work["ctx"], work["proj"], work["f"]
         no_types = np.zeros(1, np.int64)
         blk.embedding(h, ids.reshape(-1), w["wte"], positions.reshape(-1), w["wpe"], no_types, w["wpe"][:1], False)
         first_g, first_b = (layers[0].ln1_g, layers[0].ln1_b) if layers else (w["lnf_g"], w["lnf_b"])
         blk.layer_norm(a, h, first_g, first_b, eps)
-        bias = _ops.key_bias(cache.keep, dt)  # (B, capacity): -inf at padding, None without
-        qkv = np.empty((T, 3 * D), dt)
-        q = np.empty((B, H, L, d), dt)
-        o = np.empty((B, H, L, d), dt)
-        ctx = np.empty((T, D), dt)
-        proj = np.empty((T, D), dt)
-        f = np.empty((T, F), dt)
+        bias = _ops.key_bias(cache.keep, self.dtype)  # (B, capacity): -inf at padding, None without
         act = getattr(blk, _ops.activation_kernel(cfg.activation, "activation_function"))
         for i, layer in enumerate(layers):
             keys, values = cache.keys[i], cache.values[i]  # (B, H, capacity, d) each
@@ -419,114 +214,4 @@ class GPT2Model:
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             g, b = (nxt.ln1_g, nxt.ln1_b) if nxt is not None else (w["lnf_g"], w["lnf_b"])
             blk.bias_residual_and_layer_norm(h, a, proj, layer.b_out, h, g, b, eps)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Generation
-    # ----------------------------------------------------------------------------------------------------------
-    def generate_text(self, prompt: str, max_new_tokens: int = 20, **kwargs) -> str:
-        """Greedy continuation of ``prompt`` as text (needs ``tokenizer.json`` and the tokenizers package).
-
-        Keyword arguments go to ``generate``. Returns only the new text.
-
-        Examples
-        --------
-        >>> model.generate_text("The dog", max_new_tokens=5)      # doctest: +SKIP
-        """
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}; use generate() for token ids")
-        tokenizer = self._require_tokenizer()
-        ids = np.array(tokenizer.encode(prompt), dtype=np.int64)
-        out = self.generate(ids, max_new_tokens, **kwargs)
-        return tokenizer.decode(out.sequences[len(ids) :])
-
-    def _require_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            if self.path and os.path.isfile(os.path.join(self.path, "tokenizer.json")):
-                from .tokenizer import import_tokenizers
-
-                import_tokenizers()  # raises the ImportError with the install hint
-            raise ValueError(f"{self.path or 'the model directory'} has no tokenizer.json: pass token ids instead")
-        return self.tokenizer
-
-    def generate(
-        self,
-        input_ids,
-        max_new_tokens: int = 20,
-        *,
-        attention_mask=None,
-        eos_token_id=_FROM_CONFIG,
-        pad_token_id: int | None = None,
-        backend=None,
-    ) -> GenerationOutput:
-        """Greedy decoding with the KV cache, as Hugging Face's ``generate(do_sample=False)``.
-
-        The prompt runs once (prefill); then each step feeds only the newest token, attending from its position
-        to every cached one. Batched prompts of different lengths are padded on the left with
-        ``attention_mask`` 0; positions count real tokens only (as Hugging Face does).
-
-        Parameters
-        ----------
-        input_ids : array_like of int, shape (B, N) or (N,)
-        max_new_tokens : int
-        attention_mask : array_like, shape (B, N), optional
-        eos_token_id : int or None
-            Stop a sequence at this id (default: the config's; None: never stop early). Generation ends when
-            every sequence has stopped.
-        pad_token_id : int, optional
-            Written after a sequence stopped (default: the config's, else ``eos_token_id``).
-
-        Returns
-        -------
-        GenerationOutput
-            ``sequences`` (prompt + new ids), ``tokens_per_second`` and timings; ``np.asarray(out)`` is the ids.
-        """
-        cfg = self.config
-        ids, squeeze = _ops.token_ids("input_ids", input_ids, cfg.vocab_size)
-        max_new_tokens = V.positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
-        B, N = ids.shape
-        if N == 0:
-            raise ValueError("generate needs a prompt of at least one token")
-        keep = _ops.keep_mask("attention_mask", attention_mask, (B, N))
-        keep = np.ones((B, N), bool) if keep is None else keep
-        eos = cfg.eos_token_id if eos_token_id is _FROM_CONFIG else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
-        positions = np.cumsum(keep, axis=1) - 1  # real tokens count 0, 1, 2, ...; padding sits at 0
-        positions[~keep] = 0
-        last = positions[:, -1].copy()
-        if int(positions.max(initial=0)) + max_new_tokens >= cfg.max_positions + 1:
-            raise ValueError(
-                f"a prompt of {int(positions.max()) + 1} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                f"model's n_positions={cfg.max_positions}"
-            )
-        new = np.empty((B, max_new_tokens), np.int64)
-        start = time.perf_counter()
-        cache = self.new_cache(B, N + max(max_new_tokens - 1, 0))
-        cache.keep[:, :N] = keep
-        produced = 0
-        prefill = 0.0
-        if max_new_tokens:
-            unfinished = np.ones(B, bool)
-            a = self._run(ids, np.ascontiguousarray(positions), cache, backend)
-            logits = a.reshape(B, N, -1)[:, -1] @ self._w["lm_head"]  # (B, V): only the last position
-            prefill = time.perf_counter() - start
-            while True:
-                token = logits.argmax(axis=-1)  # (B,) greedy
-                if eos is not None:
-                    token = np.where(unfinished, token, pad)
-                    unfinished &= token != eos
-                new[:, produced] = token
-                produced += 1
-                if produced == max_new_tokens or (eos is not None and not unfinished.any()):
-                    break
-                last += 1
-                a = self._run(token[:, None], last[:, None], cache, backend)  # one token per sequence
-                logits = a @ self._w["lm_head"]  # (B, V)
-        total = time.perf_counter() - start
-        sequences = np.concatenate([ids, new[:, :produced]], axis=1)
-        return GenerationOutput(
-            sequences=sequences[0] if squeeze else sequences,
-            new_tokens=produced,
-            prefill_seconds=prefill,
-            decode_seconds=total - prefill,
-            batch=B,
-        )
+        return a

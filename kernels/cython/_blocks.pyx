@@ -338,3 +338,179 @@ def merge_heads(floating[:, :, ::1] out, const floating[:, :, :, ::1] o):
                 src = &o[b, h, n, 0]
                 for e in range(d):
                     dst[e] = src[e]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama-family kernels: RMSNorm, the SwiGLU product, q/k/v heads with RoPE (contract: fastattn/_numpy_blocks.py)
+# ----------------------------------------------------------------------------------------------------------------
+cdef inline void rms_row(floating* o, const floating* y, Py_ssize_t D, const floating* gamma,
+                         double eps) noexcept nogil:
+    """o = y / sqrt(mean(y²) + eps) * gamma for one row; o may be y. Squares summed in LANES partials, in double."""
+    cdef double acc[LANES]
+    cdef floating tmp[LANES]
+    cdef floating rs
+    cdef Py_ssize_t j, u, nfull = D - D % LANES
+    cdef double sq = 0.0
+    for u in range(LANES):
+        acc[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            acc[u] = acc[u] + <double>y[j * LANES + u] * y[j * LANES + u]
+    for j in range(nfull, D):
+        sq += <double>y[j] * y[j]
+    for u in range(LANES):
+        sq += acc[u]
+    rs = <floating>(1.0 / sqrt(sq / D + eps))
+    for j in range(0, nfull // LANES):  # through tmp: o may be y
+        for u in range(LANES):
+            tmp[u] = y[j * LANES + u] * rs * gamma[j * LANES + u]
+        for u in range(LANES):
+            o[j * LANES + u] = tmp[u]
+    for j in range(nfull, D):
+        o[j] = y[j] * rs * gamma[j]
+
+
+cdef inline floating silu_scalar(floating g) noexcept nogil:
+    """g / (1 + exp(-g)) (fexpf gives inf beyond 88.7: the result is then -0; NaN stays NaN)."""
+    if floating is float:
+        return g / (<float>1.0 + fexpf(-g))
+    else:
+        return g / (1.0 + exp(-g))
+
+
+def rms_norm(floating[:, ::1] out, const floating[:, ::1] x, const floating[::1] gamma, double eps):
+    """out = x / sqrt(mean(x²) + eps) * gamma per row."""
+    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r
+    if R * D == 0:
+        return
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            rms_row(&out[r, 0], &x[r, 0], D, &gamma[0], eps)
+
+
+cdef inline void add_row(floating* o, const floating* a, const floating* b, Py_ssize_t D) noexcept nogil:
+    """o = a + b for one row; o may be b. Through a small buffer of this call's own (one per thread)."""
+    cdef floating tmp[LANES]
+    cdef Py_ssize_t jb, j, u, nfull = D - D % LANES
+    for jb in range(nfull // LANES):
+        j = jb * LANES
+        for u in range(LANES):
+            tmp[u] = a[j + u] + b[j + u]
+        for u in range(LANES):
+            o[j + u] = tmp[u]
+    for j in range(nfull, D):
+        o[j] = a[j] + b[j]
+
+
+def add_rms_norm(floating[:, ::1] out_sum, floating[:, ::1] out_norm, const floating[:, ::1] x,
+                 const floating[:, ::1] residual, const floating[::1] gamma, double eps):
+    """out_sum = x + residual; out_norm = rms_norm(out_sum). out_sum may be residual."""
+    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r
+    if R * D == 0:
+        return
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            add_row(&out_sum[r, 0], &x[r, 0], &residual[r, 0], D)
+            rms_row(&out_norm[r, 0], &out_sum[r, 0], D, &gamma[0], eps)
+
+
+cdef inline void silu_mul_row(floating* o, const floating* gate, const floating* up, Py_ssize_t F) noexcept nogil:
+    """o = silu(gate) * up for one row, through a small buffer of this call's own (one per thread)."""
+    cdef floating tmp[LANES]
+    cdef Py_ssize_t jb, j, u, nfull = F - F % LANES
+    for jb in range(nfull // LANES):
+        j = jb * LANES
+        for u in range(LANES):
+            tmp[u] = silu_scalar(gate[j + u]) * up[j + u]
+        for u in range(LANES):
+            o[j + u] = tmp[u]
+    for j in range(nfull, F):
+        o[j] = silu_scalar(gate[j]) * up[j]
+
+
+def silu_mul(floating[:, ::1] out, const floating[:, ::1] x):
+    """out (R, F) = silu(x[:, :F]) * x[:, F:]."""
+    cdef Py_ssize_t R = out.shape[0], F = out.shape[1], r
+    if R * F == 0:
+        return
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            silu_mul_row(&out[r, 0], &x[r, 0], &x[r, F], F)
+
+
+cdef inline void head_rope(floating* dst, const floating* src, const floating* bias, Py_ssize_t d,
+                           const floating* gamma, double eps, bint has_norm, const floating* c,
+                           const floating* s) noexcept nogil:
+    """dst (d,) = RoPE(rms_norm?(src + bias)) with one token's angles c, s (d/2,)."""
+    cdef Py_ssize_t e, h = d // 2
+    cdef floating x1, x2
+    for e in range(d):
+        dst[e] = src[e] + bias[e]
+    if has_norm:
+        rms_row(dst, dst, d, gamma, eps)
+    for e in range(h):
+        x1 = dst[e]
+        x2 = dst[e + h]
+        dst[e] = x1 * c[e] - x2 * s[e]
+        dst[e + h] = x2 * c[e] + x1 * s[e]
+
+
+def split_qkv_rope(floating[:, :, :, ::1] q, floating[:, :, :, ::1] k, floating[:, :, :, ::1] v,
+                   const floating[:, :, ::1] qkv, const floating[::1] bias, const floating[::1] q_gamma,
+                   const floating[::1] k_gamma, double eps, bint has_norm, const floating[:, ::1] cos,
+                   const floating[:, ::1] sin, Py_ssize_t offset):
+    """qkv + bias (B, L, (Hq + 2 Hkv) d) into q (B, Hq, L, d) and k, v (B, Hkv, T, d) at rows offset + n; q and k
+    optionally RMS-normalised per head, then rotated by the token's angles cos, sin (B·L, d/2)."""
+    cdef Py_ssize_t B = q.shape[0], Hq = q.shape[1], L = q.shape[2], d = q.shape[3], Hkv = k.shape[1]
+    cdef Py_ssize_t w, b, n, h, e, lo
+    cdef const floating* row
+    cdef floating* dst
+    if B * Hq * L * d == 0:
+        return
+    with nogil:
+        for w in prange(B * L, schedule="static", num_threads=_n_threads):
+            b = w // L
+            n = w - b * L
+            row = &qkv[b, n, 0]
+            for h in range(Hq):
+                head_rope(&q[b, h, n, 0], row + h * d, &bias[h * d], d, &q_gamma[0], eps, has_norm,
+                          &cos[w, 0], &sin[w, 0])
+            for h in range(Hkv):
+                lo = (Hq + h) * d
+                head_rope(&k[b, h, offset + n, 0], row + lo, &bias[lo], d, &k_gamma[0], eps, has_norm,
+                          &cos[w, 0], &sin[w, 0])
+                lo = (Hq + Hkv + h) * d
+                dst = &v[b, h, offset + n, 0]
+                for e in range(d):
+                    dst[e] = row[lo + e] + bias[lo + e]
+
+
+cdef inline floating dot_row(const floating* a, const floating* b, Py_ssize_t K) noexcept nogil:
+    """sum a[k] b[k] in LANES partial sums (vectorised), combined at the end."""
+    cdef floating acc[LANES]
+    cdef floating total = 0
+    cdef Py_ssize_t j, u, nfull = K - K % LANES
+    for u in range(LANES):
+        acc[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            acc[u] = acc[u] + a[j * LANES + u] * b[j * LANES + u]
+    for j in range(nfull, K):
+        total = total + a[j] * b[j]
+    for u in range(LANES):
+        total = total + acc[u]
+    return total
+
+
+def linear(floating[:, ::1] out, const floating[:, ::1] x, const floating[:, ::1] w):
+    """out (T, N) = x (T, K) @ wᵀ, w (N, K): each output column is one thread's dot products (a decode step)."""
+    cdef Py_ssize_t T = x.shape[0], K = x.shape[1], N = w.shape[0], n, t
+    if T * N == 0:
+        return
+    if K == 0:
+        out[:, :] = 0
+        return
+    with nogil:
+        for n in prange(N, schedule="static", num_threads=_n_threads):
+            for t in range(T):
+                out[t, n] = dot_row(&x[t, 0], &w[n, 0], K)

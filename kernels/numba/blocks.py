@@ -51,6 +51,11 @@ __all__ = [
     "bias_residual_and_layer_norm",
     "split_qkv",
     "merge_heads",
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "split_qkv_rope",
+    "linear",
     "get_num_threads",
     "set_num_threads",
     "set_local_threads",
@@ -342,3 +347,132 @@ def warmup(dtypes=("float32", "float64")):
         q = np.empty((B, H, L, d), dt)
         split_qkv(q, np.empty_like(q), np.empty_like(q), np.zeros((B, L, 3 * D), dt), np.zeros(3 * D, dt), 0)
         merge_heads(np.empty((B, L, D), dt), q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama-family kernels: RMSNorm, the SwiGLU product, q/k/v heads with RoPE (contract: fastattn._numpy_blocks)
+# ----------------------------------------------------------------------------------------------------------------
+@njit(**INLINE)
+def rms_row(o, y, gamma, eps):
+    """o = y / sqrt(mean(y²) + eps) * gamma for one row; the sum of squares in float64. ``o`` may be ``y``."""
+    D = y.shape[0]
+    sq = 0.0
+    for j in range(D):
+        sq += np.float64(y[j]) * y[j]
+    rs = o.dtype.type(1.0 / math.sqrt(sq / D + eps))
+    for j in range(D):
+        o[j] = y[j] * rs * gamma[j]
+
+
+@njit(**INLINE)
+def silu_scalar(g):
+    """g / (1 + exp(-g)) in g's precision; exp clamped where float32 overflows (the result is then -0)."""
+    t = -g
+    r = g / (const(g, 1.0) + fast_exp(min(t, const(g, 88.0))))
+    return r if t < const(g, 88.0) else g * const(g, 0.0)
+
+
+@njit(**KERNEL)
+def _rms_norm(out, x, gamma, eps):
+    R = x.shape[0]
+    for r in prange(R):
+        rms_row(out[r], x[r], gamma, eps)
+
+
+@njit(**KERNEL)
+def _add_rms_norm(out_sum, out_norm, x, residual, gamma, eps):
+    """out_sum = x + residual; out_norm = rms_norm(out_sum)."""
+    R, D = x.shape
+    for r in prange(R):
+        s = out_sum[r]
+        for c in range(D):
+            s[c] = x[r, c] + residual[r, c]
+        rms_row(out_norm[r], s, gamma, eps)
+
+
+@njit(**KERNEL)
+def _silu_mul(out, x):
+    """out (R, F) = silu(x[:, :F]) * x[:, F:]."""
+    R, F = out.shape
+    for r in prange(R):
+        o = out[r]
+        gate = x[r, :F]
+        up = x[r, F:]
+        for c in range(F):
+            o[c] = silu_scalar(gate[c]) * up[c]
+
+
+@njit(**INLINE)
+def _head_rope(dst, src, bias, gamma, eps, has_norm, cos, sin):
+    """dst (d,) = RoPE(rms_norm?(src + bias)) with the angles cos, sin (d/2,) of one token."""
+    d = dst.shape[0]
+    h = d // 2
+    for e in range(d):
+        dst[e] = src[e] + bias[e]
+    if has_norm:
+        rms_row(dst, dst, gamma, eps)
+    for e in range(h):
+        x1 = dst[e]
+        x2 = dst[e + h]
+        dst[e] = x1 * cos[e] - x2 * sin[e]
+        dst[e + h] = x2 * cos[e] + x1 * sin[e]
+
+
+@njit(**KERNEL)
+def _split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin, offset):
+    """qkv + bias (B, L, (Hq + 2 Hkv) d) into q (B, Hq, L, d) and k, v (B, Hkv, T, d) at rows offset + n;
+    q and k optionally RMS-normalised per head, then rotated by the token's angles cos, sin (B·L, d/2)."""
+    B, Hq, L, d = q.shape
+    Hkv = k.shape[1]
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        row = qkv[b, n]  # ((Hq + 2 Hkv) d,)
+        c = cos[w]
+        s = sin[w]
+        for h in range(Hq):
+            lo = h * d
+            _head_rope(q[b, h, n], row[lo : lo + d], bias[lo : lo + d], q_gamma, eps, has_norm, c, s)
+        for h in range(Hkv):
+            lo = (Hq + h) * d
+            _head_rope(k[b, h, offset + n], row[lo : lo + d], bias[lo : lo + d], k_gamma, eps, has_norm, c, s)
+            lo = (Hq + Hkv + h) * d
+            add_row(v[b, h, offset + n], row[lo : lo + d], bias[lo : lo + d])
+
+
+def rms_norm(out, x, gamma, eps):
+    _rms_norm(out, x, gamma, float(eps))
+
+
+def add_rms_norm(out_sum, out_norm, x, residual, gamma, eps):
+    _add_rms_norm(out_sum, out_norm, x, residual, gamma, float(eps))
+
+
+def silu_mul(out, x):
+    _silu_mul(out, x)
+
+
+def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin, offset):
+    _split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, float(eps), bool(has_norm), cos, sin, int(offset))
+
+
+@njit(**KERNEL)
+def _linear(out, x, w):
+    """out (T, N) = x (T, K) @ wᵀ, w (N, K): each output column is one thread's dot products (a decode step)."""
+    T, K = x.shape
+    N = w.shape[0]
+    if T == 0:
+        return
+    zero = const(x[0, 0], 0.0)
+    for n in prange(N):
+        row = w[n]  # (K,) contiguous
+        for t in range(T):
+            xr = x[t]
+            acc = zero
+            for k in range(K):
+                acc += xr[k] * row[k]
+            out[t, n] = acc
+
+
+def linear(out, x, w):
+    _linear(out, x, w)

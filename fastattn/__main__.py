@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {demo,bench,profile,embed} ...``.
+"""Command line: ``python -m fastattn {demo,bench,profile,embed,tune} ...``.
 
 Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches, importing nothing heavy until a subcommand runs.
@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": "fastattn.tools.bench",
     "profile": "fastattn.tools.profile",
     "embed": "fastattn.tools.embed",
+    "tune": "fastattn.tools.tune",
 }
 
 

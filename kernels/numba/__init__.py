@@ -7,7 +7,8 @@ compiles ahead of time for the common dtypes and layouts (through the call layer
 Each public name is a thin Python function with exactly the contract's signature. It normalises its arguments so
 that one compiled variant per dtype serves every caller (``scale`` becomes the arrays' dtype, flags ``bool``,
 offsets ``int``; inputs are passed as read-only views; ``mask``/``key_bias`` as a flat view plus strides, which
-covers contiguous arrays and broadcast views alike) and picks the fused engine. The ``@njit`` kernels do the work:
+covers contiguous arrays and broadcast views alike) and picks the fused engine and tile shape of the call's plan
+(``_config.plan_for``: per machine, dtype and head width, see fastattn._plans). The ``@njit`` kernels do the work:
 
     embedding.py         gather, gather_add_positions
     positions.py         add_positions, rope
@@ -45,10 +46,6 @@ __all__ = [
     "blas_info",
     "FASTMATH",
 ]
-
-#: Tile sizes of the fused kernel (query rows x keys). Results do not depend on them beyond rounding.
-BLOCK_Q = 192
-BLOCK_K = 384
 
 configure = _config.configure
 set_local_threads = _config.set_local_threads
@@ -136,7 +133,8 @@ def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bi
     n_threads = _config.use_num_threads()
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
-    kernel = _fused_kernel()
+    tiles, block_q, block_k = _config.plan_for(out.dtype, q.shape[3])
+    kernel = _fused_kernel(tiles)
     _config.launch(
         kernel,
         out,
@@ -152,18 +150,18 @@ def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bi
         key_bias,
         kst,
         bool(has_key_bias),
-        BLOCK_Q,
-        BLOCK_K,
+        block_q,
+        block_k,
         n_threads,
     )
 
 
-def _fused_kernel():
-    """The engine of the tile products ``configure`` chose: "micro" (default), "blas" (SciPy's BLAS made
+def _fused_kernel(tiles):
+    """The engine of the tile products of the call's plan: "micro" (default), "blas" (SciPy's BLAS made
     single-threaded once) or "loops"."""
-    if _config.TILES == "micro":
+    if tiles == "micro":
         return _fused.attention_tiled
-    if _config.TILES == "blas":
+    if tiles == "blas":
         _config.limit_scipy_blas_threads()
         return _fused.attention_blas
     return _fused.attention_loops

@@ -61,6 +61,7 @@ def _widest_build(name: str):
     if _threads is not None:
         module._set_num_threads(_threads)
     _loaded[name] = module
+    globals()[name] = module  # `from fastattn.kernels.cython import _attention` gives the build in use
     return module, isa
 
 

@@ -243,3 +243,23 @@ def test_store_merges_and_validates(plan_cache):
     assert sorted(json.loads(plan_cache.read_text())["entries"]) == sorted([a, b])
     with pytest.raises(ValueError, match="no valid 'plans'"):
         _plans.store({a: {"plans": {"numba": {"tiles": "fast", "block_q": 1, "block_k": 1}}}})
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize("others, kept", [(0.99, True), (0.9, False)])
+def test_tune_keeps_the_builtin_plan_within_the_tie_margin(monkeypatch, others, kept):
+    """A candidate less than TIE (3 %) faster than the built-in plan is noise: the built-in plan stays."""
+    from fastattn.tools import timing, tune
+
+    builtin = _plans.builtin_plan("numba").as_tuple()
+
+    def fake_run(contenders, **kwargs):  # the built-in plan takes 1.0 s, every other candidate `others`
+        for c in contenders:
+            c.samples, c.error = [1.0 if c.info["plan"] == builtin else others], None
+        return contenders
+
+    monkeypatch.setattr(timing, "run_interleaved", fake_run)
+    found = tune.measure(["numba"], "float32", 8, fastattn.get_num_threads(), n=8, heads=1, rounds=1, quick=True,
+                         blas=False)  # fmt: skip
+    best = found["numba"][0]
+    assert ((best["tiles"], best["block_q"], best["block_k"]) == builtin) == kept

@@ -6,7 +6,7 @@ The pipeline: token ids -> ``embed`` -> ``add_positions`` (or ``apply_rope``) ->
 ``"numba"``, ``"cython"`` or ``"numpy"`` (the oracle in ``fastattn.oracle``).
 """
 
-from ._backends import available_backends, backend_status, use_backend
+from ._backends import available_backends, backend_status, plan_info, use_backend
 from ._threads import get_num_threads, set_num_threads, warmup
 from .backward import (
     add_positions_backward,
@@ -44,6 +44,7 @@ __all__ = [
     "init_params",
     "available_backends",
     "backend_status",
+    "plan_info",
     "use_backend",
     "get_num_threads",
     "set_num_threads",

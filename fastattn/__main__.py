@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {demo,bench,profile,embed,generate} ...``.
+"""Command line: ``python -m fastattn {demo,bench,profile,embed,generate,tune} ...``.
 
 Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches, importing nothing heavy until a subcommand runs.
@@ -18,6 +18,7 @@ COMMANDS = {
     "profile": "fastattn.tools.profile",
     "embed": "fastattn.tools.embed",
     "generate": "fastattn.tools.generate",
+    "tune": "fastattn.tools.tune",
 }
 
 

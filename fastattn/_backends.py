@@ -1,8 +1,10 @@
 """The backend registry: which backends exist, whether each can run and why not, and which one a call uses.
 
 Precedence of the choice: the ``backend=`` argument > ``use_backend(...)`` > the ``FASTATTN_BACKEND`` environment
-variable > automatic (the first available of ``PREFERENCE``). Probing is cheap and lazy: nothing is compiled and
-Numba is not imported until a Numba kernel is first needed.
+variable > automatic: the compiled backend ``python -m fastattn tune`` measured faster on this machine
+(fastattn._plans), else the first available of ``PREFERENCE``. Each compiled backend is configured with its settings
+and its per-machine plan (tile products and tile shape of the fused attention; ``plan_info`` says which and why).
+Probing is cheap and lazy: nothing is compiled and Numba is not imported until a Numba kernel is first needed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import threading
 import warnings
 
-from . import _settings
+from . import _plans, _settings
 from ._optable import module_families, of_families
 
 NAMES = ("numpy", "numba", "cython")
@@ -67,17 +69,61 @@ def settings_for(name: str) -> dict:
     return {}
 
 
+def plan_values(name: str) -> dict:
+    """The plan a compiled backend's ``configure`` takes now (fastattn._plans, at the current thread count): tile
+    products, tile shape, and the per (dtype, head width) tuned plans; recorded for ``plan_info``."""
+    if name not in _plans.COMPILED:
+        return {}
+    from ._threads import get_num_threads
+
+    default, shaped = _plans.plans_for(name, get_num_threads())
+    _plans_used[name] = (default, shaped)
+    return {
+        "tiles": default.tiles,
+        "block_q": default.block_q,
+        "block_k": default.block_k,
+        "plans": {key: p.as_tuple() for key, p in shaped.items()},
+    }
+
+
+_plans_used: dict[str, tuple] = {}  # backend -> (default Plan, {(dtype, head width): Plan}) it was configured with
+
+
 def _configure(name: str, module) -> None:
-    """Hand the settings' values to a freshly loaded backend module; a value it cannot take is a ValueError that
-    names the variable."""
+    """Hand the settings' values and this machine's plan to a freshly loaded backend module; a setting it cannot
+    take is a ValueError that names the variable. A plan it cannot take (a cache from a machine with SciPy, say) is
+    dropped with a warning for the built-in one."""
     values = settings_for(name)
-    if not values or not hasattr(module, "configure"):
+    if not hasattr(module, "configure") or not (values or name in _plans.COMPILED):
         return
     try:
-        module.configure(**values)
+        module.configure(**{**values, **plan_values(name)})
+        return
+    except ValueError as exc:
+        planned = _plans_used.get(name)
+        if planned is None or not planned[0].source.startswith("tuned") and not planned[1]:
+            shown = ", ".join(f"{_VARIABLE[k]}={v!r}" for k, v in values.items())
+            raise ValueError(f"{shown}: {exc}") from None
+        warnings.warn(f"fastattn: the tuned plan of backend {name!r} cannot run here ({exc}); using the built-in "
+                      "one", RuntimeWarning, stacklevel=4)  # fmt: skip
+    plan = _plans.builtin_plan(name, _plans._tiles_override())
+    _plans_used[name] = (plan, {})
+    try:
+        fallback = {"tiles": plan.tiles, "block_q": plan.block_q, "block_k": plan.block_k, "plans": {}}
+        module.configure(**{**values, **fallback})
     except ValueError as exc:
         shown = ", ".join(f"{_VARIABLE[k]}={v!r}" for k, v in values.items())
         raise ValueError(f"{shown}: {exc}") from None
+
+
+def refresh_plans() -> None:
+    """Read the plan cache again and hand every loaded compiled backend its plan for the current thread count
+    (after ``tune`` stored new plans, or ``set_num_threads`` changed the count the plans are keyed by)."""
+    _plans.forget()
+    _auto_cache.clear()
+    for (name, part), mod in list(_loaded.items()):
+        if part == "pipeline" and name in _plans.COMPILED:
+            _configure(name, mod)
 
 
 _VARIABLE = {"tiles": "FASTATTN_TILES", "isa": "FASTATTN_CYTHON_ISA", "blas": "FASTATTN_CYTHON_BLAS"}
@@ -202,7 +248,7 @@ def resolve_name(backend: str | None = None) -> str:
     env = os.environ.get(ENV_VAR, "").strip()  # read raw: an unknown name gets the registry's fuller message
     if env:
         return _check_name(env, f"from the environment variable {ENV_VAR}")
-    for name in PREFERENCE:
+    for name in automatic_order()[0]:
         if _probe(name) is None:
             if _fork_skipped and not _fork_warned:
                 _fork_warned.append(name)
@@ -211,6 +257,78 @@ def resolve_name(backend: str | None = None) -> str:
                               RuntimeWarning, stacklevel=3)  # fmt: skip
             return name
     return "numpy"
+
+
+_auto_cache: dict = {}  # (threads, plan cache path) -> (order, why)
+
+
+def automatic_order() -> tuple[tuple[str, ...], str]:
+    """The order the automatic choice tries the backends in, and why: the compiled backend measured faster on this
+    machine by ``python -m fastattn tune`` first (at the current thread count), else ``PREFERENCE``."""
+    from ._threads import get_num_threads
+
+    threads = get_num_threads()
+    key = (threads, _plans.cache_path())
+    hit = _auto_cache.get(key)
+    if hit is None:
+        faster, why = _plans.preferred_backend(threads, _plans.COMPILED)
+        if faster is None:
+            order = PREFERENCE
+            why = (f"first available of the preference order {', '.join(PREFERENCE)} (nothing measured on this "
+                   f"machine at {threads} threads: run `python -m fastattn tune`)")  # fmt: skip
+        else:
+            order = (faster,) + tuple(n for n in PREFERENCE if n != faster)
+        hit = _auto_cache[key] = (order, why)
+    return hit
+
+
+def plan_info() -> dict:
+    """Which plan each compiled backend's fused attention runs on this machine, where it came from, and why the
+    automatic choice is the backend it is.
+
+    A plan is the tile products (``micro``/``blas``/``loops``) and the tile shape (query rows x keys); it changes
+    speed, never results beyond rounding. ``source`` is ``"tuned <date>"`` (by ``python -m fastattn tune``, read from
+    the plan cache), ``"built-in default for AMD Zen"`` (or Intel, other CPUs), or names ``FASTATTN_TILES`` when that
+    is set. Nothing is compiled; a backend not loaded yet shows the plan it would get.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> info = fastattn.plan_info()
+    >>> sorted(info)
+    ['automatic', 'backends', 'cache', 'cache_status', 'machine', 'why']
+    """
+    from ._threads import get_num_threads
+
+    threads = get_num_threads()
+    backends = {}
+    for name in _plans.COMPILED:
+        reason = _probe(name)
+        if reason is not None:
+            backends[name] = {"unavailable": reason}
+            continue
+        planned = _plans_used.get(name) if (name, "pipeline") in _loaded else None
+        default, shaped = planned if planned is not None else _plans.plans_for(name, threads)
+        backends[name] = {
+            "plan": default.describe(),
+            "tiles": default.tiles,
+            "block_q": default.block_q,
+            "block_k": default.block_k,
+            "source": default.source,
+            "per_shape": {f"{dt} d={d}": f"{p.describe()} ({p.source})" for (dt, d), p in sorted(shaped.items())},
+        }
+        if name == "cython" and shaped:
+            backends[name]["note"] = "one tile shape serves every call of this backend (the plan above)"
+    order, why = automatic_order()
+    automatic = next((n for n in order if _probe(n) is None), "numpy")
+    return {
+        "machine": _plans.machine(),
+        "cache": _plans.cache_path(),
+        "cache_status": _plans.cached_entries()[1],
+        "backends": backends,
+        "automatic": automatic,
+        "why": why if automatic == order[0] else f"{automatic}: the first available ({order[0]}: {_probe(order[0])})",
+    }
 
 
 def kernels(backend: str | None = None, family: str | None = None):

@@ -29,12 +29,14 @@ def default_scale(head_dim: int) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # embedding and positions
 # --------------------------------------------------------------------------------------------------------------
-def gather(kern, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(..., D) rows of ``table`` for int64 ``ids`` already checked to lie in [0, V)."""
-    out = np.empty((ids.size, table.shape[1]), dtype=table.dtype)
-    if out.size:
-        kern.gather(out, np.ascontiguousarray(ids.reshape(-1)), np.ascontiguousarray(table))
-    return out.reshape(ids.shape + (table.shape[1],))
+def gather(kern, ids: np.ndarray, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(..., D) rows of ``table`` for int64 ``ids`` already checked to lie in [0, V); into ``out`` when given (a
+    checked C-contiguous (..., D) array, see ``_validation.out_array``)."""
+    shape = ids.shape + (table.shape[1],)
+    flat = np.empty((ids.size, table.shape[1]), dtype=table.dtype) if out is None else out.reshape(-1, table.shape[1])
+    if flat.size:
+        kern.gather(flat, np.ascontiguousarray(ids.reshape(-1)), np.ascontiguousarray(table))
+    return flat.reshape(shape) if out is None else out
 
 
 def gather_add_positions(kern, ids2: np.ndarray, table: np.ndarray, positions: np.ndarray, offset: int = 0):
@@ -53,9 +55,9 @@ def gather_add_positions(kern, ids2: np.ndarray, table: np.ndarray, positions: n
     return out.reshape(B, N, table.shape[1])
 
 
-def add_positions(kern, x: np.ndarray, positions: np.ndarray, offset: int) -> np.ndarray:
-    """``x[..., n, :] + positions[offset + n]`` for x (..., N, D)."""
-    out = np.empty(x.shape, dtype=x.dtype)
+def add_positions(kern, x: np.ndarray, positions: np.ndarray, offset: int, out=None) -> np.ndarray:
+    """``x[..., n, :] + positions[offset + n]`` for x (..., N, D); into ``out`` (checked) when given."""
+    out = np.empty(x.shape, dtype=x.dtype) if out is None else out
     if out.size:
         n, d = x.shape[-2], x.shape[-1]
         kern.add_positions(
@@ -74,9 +76,10 @@ def rope_tables(n: int, d: int, offset: int, base: float, dtype) -> tuple[np.nda
     return np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
 
 
-def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool, *, inverse: bool = False) -> np.ndarray:
-    """RoPE over the last two axes of x (..., N, d); ``inverse`` rotates back (the gradient of RoPE: -sin)."""
-    out = np.empty(x.shape, dtype=x.dtype)
+def rope(kern, x: np.ndarray, offset: int, base: float, interleaved: bool, out=None, *, inverse: bool = False):
+    """RoPE over the last two axes of x (..., N, d), into ``out`` (checked) when given; ``inverse`` rotates back
+    (the gradient of RoPE: -sin)."""
+    out = np.empty(x.shape, dtype=x.dtype) if out is None else out
     if out.size:
         n, d = x.shape[-2], x.shape[-1]
         cos, sin = rope_tables(n, d, offset, base, x.dtype)
@@ -110,16 +113,24 @@ def attention_into(kern, out, q, k, v, scale, causal, causal_offset=0, mask=None
                    key_bias, has_bias)  # fmt: skip
 
 
-def attention(kern, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None, *, window=0, want_lse=False):
-    """A fresh (B, Hq, L, Ev) output of the fused kernel (see ``attention_into``), and the (B, Hq, L) log-sum-exp
-    with ``want_lse``. No key at all gives zeros (and lse ``-inf``)."""
+def attention(kern, q, k, v, scale, causal, causal_offset=0, mask=None, key_bias=None, out=None, *, window=0,
+              want_lse=False):  # fmt: skip
+    """A (B, Hq, L, Ev) output of the fused kernel (see ``attention_into``), fresh or ``out`` (a checked array of
+    that many elements, C-contiguous, returned as given), and the (B, Hq, L) log-sum-exp with ``want_lse``. No key
+    at all gives zeros (and lse ``-inf``)."""
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    out = np.zeros((B, Hq, L, Ev), dtype=q.dtype)
+    if out is None:
+        given, out = None, np.zeros((B, Hq, L, Ev), dtype=q.dtype)
+    else:
+        given, out = out, out.reshape(B, Hq, L, Ev)
+        if not S:
+            out.fill(0)
     lse = np.full((B, Hq, L), -np.inf, q.dtype)
     if out.size and S:  # otherwise nothing to compute: every row attends to nothing -> zeros
         attention_into(kern, out, q, k, v, scale, causal, causal_offset, mask, key_bias, window=window, lse=lse)
-    return (out, lse) if want_lse else out
+    result = out if given is None else given
+    return (result, lse) if want_lse else result
 
 
 def attention_backward_into(kern, grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal,

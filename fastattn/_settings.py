@@ -20,7 +20,7 @@ _FALSE = ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Setting:
-    """One environment variable: ``values`` None means a flag (on/off), else the allowed words."""
+    """One environment variable: ``values`` None means a flag (on/off), ``()`` a file path, else the allowed words."""
 
     name: str
     default: str
@@ -57,6 +57,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("FASTATTN_CYTHON_BLAS", "on", None, "run", "whether the Cython `blas` tiles may load SciPy's BLAS"),
     Setting(
+        "FASTATTN_PLAN_CACHE",
+        "",
+        (),
+        "run",
+        "the file of per-machine plans (tile shapes, tile products, faster backend) that `python -m fastattn tune` "
+        "writes and the kernels use; unset: `$XDG_CACHE_HOME/fastattn/plans.json` or `~/.cache/fastattn/plans.json`",
+    ),
+    Setting(
         "FASTATTN_BUILD_CYTHON", "on", None, "build", "build the Cython extensions at install (off: numpy+numba only)"
     ),
     Setting(
@@ -71,6 +79,8 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
 def _parse(setting: Setting, raw: str, source: str):
+    if setting.values == ():  # a path: taken as written
+        return raw.strip()
     word = raw.strip().lower()
     if setting.values is None:
         if word in _TRUE:
@@ -111,11 +121,21 @@ def get(name: str, environ=None):
     return _parse(setting, setting.default, name) if setting.default else ""
 
 
+def is_set(name: str, environ=None) -> bool:
+    """Whether the environment sets ``name`` (or one of its old names) to a non-blank value."""
+    env = os.environ if environ is None else environ
+    setting = BY_NAME[name]
+    return any(env.get(n, "").strip() for n in (name,) + tuple(old for old, _ in setting.renamed_from))
+
+
 def table_markdown() -> str:
     """The README's settings table, made from ``SETTINGS``."""
     rows = ["| variable | read | values | default | what it does |", "| --- | --- | --- | --- | --- |"]
     for s in SETTINGS:
-        values = "on / off" if s.values is None else " / ".join(f"`{v}`" for v in s.values)
+        if s.values is None:
+            values = "on / off"
+        else:
+            values = " / ".join(f"`{v}`" for v in s.values) if s.values else "a file path"
         default = f"`{s.default}`" if s.default else "unset"
         when = "at run time" if s.when == "run" else "at install (setup.py)"
         rows.append(f"| `{s.name}` | {when} | {values} | {default} | {s.help} |")

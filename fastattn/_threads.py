@@ -77,7 +77,10 @@ def _set_everywhere(n: int) -> None:
             if before is not None:
                 mod.set_num_threads(before)
         raise
+    changed = _count[0] != n
     _count[0] = n
+    if changed:  # the plans are keyed by thread count
+        _backends.refresh_plans()
 
 
 class set_num_threads:  # noqa: N801 - a function to the user, a class only to be usable with ``with``
@@ -107,7 +110,9 @@ class set_num_threads:  # noqa: N801 - a function to the user, a class only to b
     def __exit__(self, *exc_info):
         previous = self._previous if self._previous is not None else _default_threads()
         _set_everywhere(previous)
-        _count[0] = self._previous
+        if _count[0] != self._previous:
+            _count[0] = self._previous
+            _backends.refresh_plans()
         return False
 
 

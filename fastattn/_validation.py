@@ -196,3 +196,24 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def out_array(out, shape: tuple[int, ...], dtype: np.dtype, **inputs) -> np.ndarray | None:
+    """``out=`` of a public function: None, or a writeable C-contiguous ndarray of exactly ``shape`` and ``dtype``
+    that shares no memory with any of ``inputs`` (name -> the caller's array, as given or normalised)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array (or None), got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype} (the result's), got: out.dtype={out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got shape {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous, got an array with strides " + str(out.strides))
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    for name, a in inputs.items():
+        if isinstance(a, np.ndarray) and a.size and out.size and np.may_share_memory(out, a):
+            raise ValueError(f"out must not share memory with {name} (the kernels read {name} while writing out)")
+    return out

@@ -24,7 +24,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 # 1. Embedding lookup
 # --------------------------------------------------------------------------------------------------------------
-def embed(token_ids, table, *, backend=None) -> np.ndarray:
+def embed(token_ids, table, *, out=None, backend=None) -> np.ndarray:
     """Look up the rows of ``table`` for integer ``token_ids`` (the one-hot product, done as a row gather).
 
     Parameters
@@ -32,17 +32,22 @@ def embed(token_ids, table, *, backend=None) -> np.ndarray:
     token_ids : array_like of int, shape (...)
         Ids in ``[0, V)``; negative ids are an error, not wrapped around.
     table : ndarray, shape (V, D), float32 or float64
+    out : ndarray, optional
+        Where to write the result (a buffer reused across calls): shape (..., D), dtype of ``table``, C-contiguous,
+        writeable, sharing no memory with ``table`` or ``token_ids``. Returned as given.
     backend : str, optional
         ``"numba"``, ``"cython"`` or ``"numpy"`` (the oracle); default: see ``use_backend``.
 
     Returns
     -------
-    ndarray, shape (..., D), dtype of ``table``
+    ndarray, shape (..., D), dtype of ``table`` (``out`` when given)
 
     Raises
     ------
     IndexError
         An id is negative or ``>= V``.
+    TypeError, ValueError
+        ``out`` of the wrong type, dtype, shape or layout, read-only, or overlapping an input (nothing is written).
 
     Examples
     --------
@@ -53,7 +58,8 @@ def embed(token_ids, table, *, backend=None) -> np.ndarray:
     """
     table = V.float_array("table", table, ndim=2)
     ids = V.token_ids("token_ids", token_ids, table.shape[0])
-    return _call.gather(_backends.kernels(backend), ids, table)
+    out = V.out_array(out, ids.shape + (table.shape[1],), table.dtype, table=table, token_ids=ids)
+    return _call.gather(_backends.kernels(backend), ids, table, out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,7 +101,7 @@ def _positions_for(x: np.ndarray, positions, offset) -> tuple[np.ndarray, int]:
     return positions, offset
 
 
-def add_positions(x, positions, *, offset=0, backend=None) -> np.ndarray:
+def add_positions(x, positions, *, offset=0, out=None, backend=None) -> np.ndarray:
     """Add position vectors to the rows of ``x``: ``x[..., n, :] + positions[offset + n]``.
 
     Parameters
@@ -105,6 +111,9 @@ def add_positions(x, positions, *, offset=0, backend=None) -> np.ndarray:
         A sinusoidal table or learned positions, with ``offset + N <= P``.
     offset : int
         Position of the first row (for a continued sequence).
+    out : ndarray, optional
+        Where to write the result: shape and dtype of ``x``, C-contiguous, writeable, sharing no memory with ``x``
+        or ``positions``. Returned as given.
 
     Examples
     --------
@@ -116,15 +125,18 @@ def add_positions(x, positions, *, offset=0, backend=None) -> np.ndarray:
     """
     x = V.float_array("x", x, min_ndim=2)
     positions, offset = _positions_for(x, positions, offset)
-    return _call.add_positions(_backends.kernels(backend), x, positions, offset)
+    out = V.out_array(out, x.shape, x.dtype, x=x, positions=positions)
+    return _call.add_positions(_backends.kernels(backend), x, positions, offset, out)
 
 
-def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, backend=None) -> np.ndarray:
+def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, out=None, backend=None) -> np.ndarray:
     """Rotary position embedding (RoPE) on ``x`` (..., N, d), d even.
 
     Feature pairs are rotated by the angle ``(offset + n) / base^(2i/d)``. ``interleaved=False`` (default) pairs
     feature i with i + d/2, the GPT-NeoX / Hugging Face Llama layout; ``interleaved=True`` pairs 2i with 2i + 1,
     the original Llama / GPT-J layout. Norms are kept, and ⟨rope(q, m), rope(k, n)⟩ depends only on m − n.
+    ``out`` (optional): where to write the result, shape and dtype of ``x``, C-contiguous, writeable, not sharing
+    memory with ``x``; returned as given.
 
     Examples
     --------
@@ -140,7 +152,8 @@ def apply_rope(x, *, offset=0, base=10000.0, interleaved=False, backend=None) ->
     interleaved = V.flag("interleaved", interleaved)
     if x.shape[-1] % 2:
         raise ValueError(f"apply_rope needs an even last dimension d, got shape {x.shape}")
-    return _call.rope(_backends.kernels(backend), x, offset, base, interleaved)
+    out = V.out_array(out, x.shape, x.dtype, x=x)
+    return _call.rope(_backends.kernels(backend), x, offset, base, interleaved, out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -185,6 +198,7 @@ def scaled_dot_product_attention(
     *,
     window=None,
     return_lse=False,
+    out=None,
     backend=None,
 ):
     """softmax(Q Kᵀ · scale + mask) V, with the signature and semantics of PyTorch's function, on NumPy arrays.
@@ -210,11 +224,15 @@ def scaled_dot_product_attention(
     return_lse : bool
         Also return the log-sum-exp of each row's scaled, masked scores, the one number per row that
         ``scaled_dot_product_attention_backward`` needs besides the output.
+    out : ndarray, optional
+        Where to write the result: shape (..., L, Ev) (the broadcast leading dims), dtype of the inputs,
+        C-contiguous, writeable, sharing no memory with query, key, value or attn_mask. Returned as given.
 
     Returns
     -------
-    ndarray, shape (..., L, Ev), dtype of the inputs. A row with no key to attend to is zeros, never NaN.
-    With ``return_lse=True``: ``(out, lse)``, lse of shape (..., L) (``-inf`` for a row with no key to attend to).
+    ndarray, shape (..., L, Ev), dtype of the inputs (``out`` when given). A row with no key to attend to is zeros,
+    never NaN. With ``return_lse=True``: ``(out, lse)``, lse of shape (..., L) (``-inf`` for a row with no key to
+    attend to).
 
     Notes
     -----
@@ -242,13 +260,12 @@ def scaled_dot_product_attention(
     lay = _attention_layout(q, k, v, attn_mask, is_causal, scale, enable_gqa, window, dtype)
     return_lse = V.flag("return_lse", return_lse)
     B, Hq, Hkv, L, S, E, Ev = lay.dims
+    given = V.out_array(out, lay.lead + (L, Ev), dtype, query=q, key=k, value=v, attn_mask=lay.mask)
     kern = _backends.kernels(backend)
-    result = _call.attention(kern, lay.q4, lay.k4, lay.v4, lay.scale, lay.causal, 0, lay.mask, None, window=lay.window,
-                             want_lse=return_lse)  # fmt: skip
-    if not return_lse:
-        return result.reshape(lay.lead + (L, Ev))
-    out, lse = result
-    return out.reshape(lay.lead + (L, Ev)), lse.reshape(lay.lead + (L,))
+    out, lse = _call.attention(kern, lay.q4, lay.k4, lay.v4, lay.scale, lay.causal, 0, lay.mask, None, given,
+                               window=lay.window, want_lse=True)  # fmt: skip
+    out = out.reshape(lay.lead + (L, Ev)) if given is None else given
+    return (out, lse.reshape(lay.lead + (L,))) if return_lse else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +339,7 @@ def _attention_layout(q, k, v, attn_mask, is_causal, scale, enable_gqa, window, 
     q4 = norm(q, qs, Hq)
     k4 = norm(k, ks, Hkv)
     v4 = norm(v, vs, Hkv)
-    mask = None
+    mask = m = None
     if attn_mask is not None:
         m = V.mask_array("attn_mask", attn_mask, dtype, lead + (L, S))
         mask = _mask_4d(m, batch, Hq, L, S)

@@ -8,11 +8,17 @@ plus a few ulps of the result's scale; float64 results must agree with the float
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 
 import numpy as np
 import pytest
 
-import fastattn
+# The suite never reads the user's plan cache (python -m fastattn tune): every test sees the built-in plans unless
+# it points FASTATTN_PLAN_CACHE somewhere itself.
+os.environ.setdefault("FASTATTN_PLAN_CACHE", os.path.join(tempfile.mkdtemp(prefix="fastattn-plans-"), "plans.json"))
+
+import fastattn  # noqa: E402
 
 FLOAT32_FACTOR = 4.0
 FLOAT64_RTOL = 1e-10
@@ -25,12 +31,20 @@ COMPILED = [b for b in BACKENDS if b != "numpy"]
 # default: plain "cython" and "numba"), SciPy's BLAS, or plain loops (kernels/cython/_attention_tiles.pxi,
 # kernels/numba/attention_fused.py). The oracle suites (test_backends, test_properties) run every one:
 # "cython/blas" is the backend "cython" with its BLAS tile products, "numba/loops" the Numba backend's loops engine.
+# "numba/micro@7x13" forces an odd plan (fastattn._plans): tiles of 7 query rows x 13 keys; a plan must never change
+# results beyond rounding.
+ODD_PLANS = ("micro@7x13", "micro@64x96")
+
+
 def _tile_variants():
     variants = [f"cython/{tiles}" for tiles in ("blas", "loops")] if "cython" in BACKENDS else []
     if "numba" in BACKENDS:
         from fastattn.kernels.numba import _config
 
         variants += [f"numba/{engine}" for engine in ("blas", "loops") if engine != "blas" or _config.HAVE_SCIPY]
+    variants += [f"{name}/{plan}" for name in ("numba", "cython") if name in BACKENDS for plan in ODD_PLANS]
+    if "cython" in BACKENDS:
+        variants.append("cython/loops@64x96")
     return variants
 
 
@@ -41,29 +55,37 @@ COMPILED_VARIANTS = COMPILED + TILE_VARIANTS
 
 @contextlib.contextmanager
 def backend_variant(variant):
-    """Yield the backend name of ``variant`` ("cython/blas" -> "cython") with its tile products set for the block
-    (Cython's BLAS then serves every call it can, however small); the defaults are back afterwards."""
-    name, _, tiles = variant.partition("/")
-    if not tiles:
+    """Yield the backend name of ``variant`` ("cython/blas" -> "cython") with its tile products (and, after "@", its
+    tile shape: "numba/micro@7x13") set for the block (Cython's BLAS then serves every call it can, however small);
+    the plans are back afterwards."""
+    name, _, plan = variant.partition("/")
+    if not plan:
         yield name
         return
+    tiles, _, shape = plan.partition("@")
+    fastattn._backends.kernels(name)  # loaded and configured first: the forced plan is not overwritten by loading
     if name == "numba":
-        from fastattn.kernels import numba
+        from fastattn.kernels.numba import _config
 
-        previous = numba._config.TILES
-        numba.configure(tiles=tiles)
+        state = _config.plan_state()
+        block_q, block_k = (int(n) for n in shape.split("x")) if shape else _config.PLAN[1:]
+        _config.configure(tiles=tiles, block_q=block_q, block_k=block_k)
         try:
             yield name
         finally:
-            numba.configure(tiles=previous)
+            _config.restore_plan(state)
         return
-    from fastattn.kernels.cython import _attention
+    from fastattn.kernels import cython
 
+    _attention = cython.build("_attention")  # the build in use (avx512, ...), not the baseline module
     previous = _attention._set_tile_products(tiles)
     min_work = _attention._set_blas_min_work(0)
+    old_shape = _attention._set_tiles(tiles, *(int(n) for n in shape.split("x"))) if shape else None
     try:
         yield name
     finally:
+        if old_shape is not None:
+            _attention._set_tiles(tiles, *old_shape)
         _attention._set_tile_products(previous)
         _attention._set_blas_min_work(min_work)
 

@@ -26,6 +26,7 @@ PUBLIC = [
     "get_num_threads",
     "warmup",
     "backend_status",
+    "plan_info",
 ]
 
 

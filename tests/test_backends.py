@@ -341,7 +341,10 @@ def test_cython_tile_edges(tiles, bq, bk, E, Ev, dtype):
     """Each way of multiplying tiles with small odd tiles, so that every edge runs: rows left over after the micro-
     kernel's blocks of 6, columns left over after its vectors, head widths not a multiple of a vector, several key
     tiles with a causal band and a mask; and the stage kernels (scores, weighted_sum), which cut keys in chunks."""
-    from fastattn.kernels.cython import _attention
+    from fastattn.kernels import cython
+
+    _backends.kernels("cython")
+    _attention = cython.build("_attention")  # the build the kernels run (avx512, ...), not the baseline module
 
     rng = np.random.default_rng(E * 100 + Ev)
     B, Hq, Hkv, L, S = 1, 2, 1, 29, 71

@@ -144,6 +144,17 @@ def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path):
     for key in ("created", "elapsed_s", "machine", "settings", "threads", "peak", "skipped", "results", "plot"):
         assert key in doc
     assert doc["machine"]["logical_cores"] >= 1 and "avx512f" in doc["machine"]
+    m = doc["machine"]  # every figure names the CPU (model name from the OS), its ISA, the threads, the plans
+    from fastattn import _plans
+
+    assert m["cpu"] == _plans.cpu_id() and m["cpu_model"] == _plans.cpu_model() and m["isa"] == _plans.cpu_isa()
+    assert m["threads"] == 1 and m["automatic_backend"]
+    for b in fastattn.available_backends():
+        if b != "numpy":
+            assert m["plans"][b].startswith("micro tiles ") and "built-in default" in m["plans"][b]
+            assert b in m["isa_in_use"]
+    assert f"measured on: {m['cpu']}, ISA {m['isa']}" in out.stdout and "1 threads" in out.stdout
+    assert "matmul rate of this run: float32" in out.stdout
     assert doc["threads"]["fastattn"] == 1
     assert doc["peak"]["float32"]["gflops"] > 0
     results = doc["results"]
@@ -167,6 +178,8 @@ def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path):
             assert r["peak_share"] == pytest.approx(r["gflops"] / doc["peak"]["float32"]["gflops"])
         else:
             assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9) and r["gflops"] is None
+            copy = next(c for c in ok if c["contender"] == "numpy copyto (plain copy)" and c["tokens"] == r["tokens"])
+            assert r["peak_share"] == pytest.approx(copy["median_s"] / r["median_s"])  # share of the copy rate
         if r["contender"] == r["baseline"]:
             assert r["vs_baseline"] == pytest.approx(1.0)
     causal = next(r for r in ok if r["contender"] == "oracle" and r["causal"] and r["seq_len"] == 32)

@@ -98,8 +98,10 @@ def test_json_has_the_documented_fields_and_the_stages_add_up():
         if all(adds_up(b) for b in ok):
             break
     assert doc["schema"] == "fastattn.profile/1"
-    for key in ("created", "command", "machine", "threads", "params", "margin", "backends"):
+    for key in ("created", "command", "machine", "threads", "params", "margin", "backends", "peak"):
         assert key in doc
+    assert doc["peak"]["gflops"] > 0 and "float32" in doc["peak"]["source"]
+    assert doc["machine"]["cpu"] and doc["machine"]["isa"] and doc["machine"]["threads"] >= 1
     assert doc["margin"] == profile.DEFAULT_MARGIN == 0.15
     assert doc["params"] == {
         "batch": 2,
@@ -158,6 +160,10 @@ def test_the_table_names_every_stage_and_the_margin(capsys):
                                "softmax_backward", "fused backward"]:  # fmt: skip
         assert word in text
     assert "full" in text.splitlines()[0]
+    from fastattn import _plans
+
+    assert text.splitlines()[1].startswith(f"measured on: {_plans.cpu_id()}, ISA {_plans.cpu_isa()}")
+    assert "float32 matmul rate of this run" in text.splitlines()[1]
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -31,8 +31,10 @@ measuring.
 JSON fields (``schema`` ``"fastattn.bench/1"``)
 ------------------------------------------------
 Top level: ``schema``, ``created`` (ISO time), ``command`` (the exact command line, when run as
-``python -m fastattn bench``), ``elapsed_s``, ``machine`` (cpu, logical_cores, usable_cores, avx2, avx512f,
-platform, python/numpy/numba/scipy/torch/threadpoolctl versions, backends: name -> None or why unavailable),
+``python -m fastattn bench``), ``elapsed_s``, ``machine`` (cpu with family/model numbers, cpu_model as the OS
+names it, cpu_family, isa, isa_in_use per backend, threads, plans per backend with their source, automatic_backend,
+logical_cores, usable_cores, avx2, avx512f, platform, python/numpy/numba/scipy/torch/threadpoolctl versions,
+backends: name -> None or why unavailable),
 ``settings`` (the grid and options in force), ``threads`` (what fastattn, torch and NumPy's BLAS used), ``peak``
 (dtype -> {gflops, source, all}), ``torch`` (version or null), ``skipped`` ([{contender, reason}]), ``plot`` (PNG
 path or null) and ``results``, one record per contender per grid point:
@@ -44,7 +46,7 @@ path or null) and ``results``, one record per contender per grid point:
 - times in seconds per call: ``median_s``, ``p25_s``, ``p75_s``, ``min_s``, ``spread`` (IQR / median), ``rounds``,
   ``inner`` (calls per sample), ``first_call_s``;
 - rates: ``flop`` and ``gflops`` (attention) or ``bytes`` and ``gbps`` (embedding), ``peak_share`` (gflops over the
-  measured matmul peak);
+  measured matmul peak; embedding: the rate over that of the plain copy of the same bytes, ``numpy copyto``);
 - comparisons: ``baseline`` (its name), ``vs_baseline`` and ``vs_torch`` (speed-up: their median / this median);
 - ``check`` (null, or how the first result differed from the point's reference), ``error`` (null, or why the
   contender was dropped: it raised).
@@ -341,7 +343,12 @@ def _embedding_point(s, dtype, tokens, backends, torch, kernels):
     table = rng.standard_normal((V, D), dtype=np.float32 if dtype == "float32" else np.float64)
     ids = rng.integers(0, V, size=tokens, dtype=np.int64)
     C = _timing.Contender
-    contenders = [C("numpy table[ids]", lambda: table[ids], {"kind": "baseline"})]
+    src = table[ids]  # the same bytes, contiguous: the plain copy is the yardstick of the gather
+    dst = np.zeros_like(src)
+    contenders = [
+        C("numpy table[ids]", lambda: table[ids], {"kind": "baseline"}),
+        C("numpy copyto (plain copy)", lambda: np.copyto(dst, src) or dst, {"kind": "reference"}),
+    ]
     if torch is not None:
         ttable, tids = torch.from_numpy(table), torch.from_numpy(ids)
         embedding = torch.nn.functional.embedding
@@ -461,6 +468,9 @@ def _records(point: _Point, peak: dict | None, checks: dict) -> list[dict]:
         }
         if rec["gflops"] is not None and peak:
             rec["peak_share"] = rec["gflops"] / peak["gflops"]
+        copy = median_of("numpy copyto (plain copy)") if point.family == "embedding" else None
+        if st and copy:  # embedding: the share of the plain copy's rate measured in the same run
+            rec["peak_share"] = copy / st.median
         rows.append(rec)
     return rows
 
@@ -470,14 +480,22 @@ def _section_key(r):
 
 
 def describe_run(doc: dict) -> list[str]:
-    """Where and how a run was measured: hardware, versions, threads, the command."""
+    """Where and how a run was measured: hardware, versions, threads, plans, the matmul rate, the command."""
+    from . import timing as _timing
+
     m, th = doc["machine"], doc["threads"]
     simd = "AVX-512" if m.get("avx512f") else "AVX2" if m.get("avx2") else "no AVX2"
     versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch") if m.get(k))
     lines = [
         f"machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, {simd}; {versions}",
+        f"measured on: {_timing.machine_line(m, th.get('fastattn'))}",
         "threads: " + ", ".join(f"{k} {v}" for k, v in th.items()),
     ]
+    if m.get("plans"):
+        lines.append("plans: " + "; ".join(f"{b} {p}" for b, p in m["plans"].items()))
+    if doc.get("peak"):
+        lines.append("matmul rate of this run: " + "; ".join(f"{d} {p['gflops']:.0f} GFLOP/s ({p['source']})"
+                                                           for d, p in doc["peak"].items()))  # fmt: skip
     if doc.get("command"):
         lines.append(f"command: {doc['command']}")
     return lines
@@ -513,7 +531,8 @@ def _sections(records: list[dict], peaks: dict):
             title = [
                 f"embedding, {dtype}: table V={first['vocab']} x D={first['d_model']}; "
                 "GB/s = (2*T*D*itemsize + 8*T)/t; baseline = numpy table[ids] "
-                "(the one-hot oracle would do 2*T*V*D FLOPs)"
+                "(the one-hot oracle would do 2*T*V*D FLOPs)",
+                "%peak = share of the rate of numpy copyto (a plain copy of the same bytes, measured in this run)",
             ]
             size_key, size_head, rate_key, rate_unit, base_head = "tokens", "T", "gbps", "GB/s", "x table[ids]"
         heads = [size_head, "contender", "median", "IQR/med", rate_unit, "%peak", base_head, "x torch", "first call"]
@@ -671,10 +690,10 @@ def _render(doc: dict, args) -> None:
 
 
 def _plot_title(doc: dict) -> str:
+    from . import timing as _timing
+
     m = doc["machine"]
-    return (
-        f"fastattn {m['fastattn']} on {m['cpu']} ({m['usable_cores']} cores), threads {doc['threads'].get('fastattn')}"
-    )
+    return f"fastattn {m['fastattn']} on {_timing.machine_line(m, doc['threads'].get('fastattn'))}"
 
 
 def _from_json(args) -> int:
@@ -734,8 +753,8 @@ def run(args) -> int:
         say(f"bench: cannot use --threads {s['threads']}: {exc}")
         return 2
     try:
-        if "attention" in s["families"]:
-            for dtype in s["dtypes"]:
+        for dtype in dict.fromkeys(("float32",) + tuple(s["dtypes"])):  # float32: the reference of every run
+            if dtype:
                 progress.note(f"bench: measuring the {dtype} matrix-multiply peak ({s['peak_size']}^3)")
                 peaks[dtype] = _timing.matmul_peak(dtype, s["peak_size"], use_torch=torch is not None)
         for make in _points(s, list(kernels), torch, kernels):
@@ -773,6 +792,7 @@ def run(args) -> int:
                     )
             records += _records(point, peaks.get(point.params["dtype"]), checks)
             del point, reference
+        machine = _timing.machine_info()  # inside the pinned threads: the count and plans of the run
     finally:
         pinned.__exit__(None, None, None)
     progress.finish()
@@ -785,7 +805,7 @@ def run(args) -> int:
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": _command_line(),
         "elapsed_s": elapsed,
-        "machine": _timing.machine_info(),
+        "machine": machine,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "threads": threads,
         "peak": peaks,

@@ -511,6 +511,7 @@ def _profile_backward(kern, pipe, st, repeats: int) -> dict:
 # Output
 # --------------------------------------------------------------------------------------------------------------
 def format_report(doc: dict) -> str:
+    from . import timing as _timing
     from .timing import format_rate, format_seconds
 
     p = doc["params"]
@@ -518,6 +519,8 @@ def format_report(doc: dict) -> str:
         f"fastattn profile: B={p['batch']} N={p['seq_len']} D={p['d_model']} H={p['heads']} (d={p['head_dim']}) "
         f"V={p['vocab']} {p['dtype']} {'causal' if p['causal'] else 'full'}; threads {doc['threads']['fastattn']}; "
         f"{p['repeats']} rounds",
+        f"measured on: {_timing.machine_line(doc['machine'], doc['threads'].get('fastattn'))}"
+        + (f"; float32 matmul rate of this run {doc['peak']['gflops']:.0f} GFLOP/s" if doc.get("peak") else ""),
         "stage times: medians over the rounds of the stage pipeline, each kernel called as fastattn.forward calls it",
     ]
     for b in doc["backends"]:
@@ -631,14 +634,17 @@ def run(args) -> int:
                     reason = f"raised on first use: {_timing.first_use_error(exc)}"
             print(f"profile: skipping backend {name}: {reason}", file=sys.stderr, flush=True)
             results.append({"backend": name, "status": "skipped", "reason": reason})
+        peak = _timing.matmul_peak("float32", use_torch=False)  # the reference rate of this run
+        machine = _timing.machine_info()  # inside the pinned threads: the count and plans of the run
     finally:
         pinned.__exit__(None, None, None)
 
     doc = {
         "schema": SCHEMA,
+        "peak": peak,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": _command_line(),
-        "machine": _timing.machine_info(),
+        "machine": machine,
         "threads": threads,
         "params": {
             "batch": args.batch,

@@ -36,6 +36,8 @@ __all__ = [
     "pin_threads",
     "matmul_peak",
     "machine_info",
+    "machine_line",
+    "isa_in_use",
     "Progress",
     "attention_flop",
     "format_seconds",
@@ -352,17 +354,49 @@ def _version(name: str) -> str | None:
     return getattr(module, "__version__", None)
 
 
+def isa_in_use() -> dict[str, str]:
+    """The instruction set each compiled backend runs here: Numba compiles for this CPU (its widest ISA); Cython
+    loads the widest build the CPU runs up to ``FASTATTN_CYTHON_ISA`` (only asked of a backend already loaded)."""
+    from fastattn import _backends, _plans
+
+    found = {}
+    for (name, part), mod in _backends.loaded_modules().items():
+        if part != "pipeline":
+            continue
+        if name == "numba":
+            found[name] = f"{_plans.cpu_isa()} (LLVM, host CPU)"
+        elif name == "cython" and hasattr(mod, "isa"):
+            found[name] = f"{mod.isa()} build"
+    return found
+
+
 def machine_info() -> dict:
-    """The hardware and software the figures come from."""
+    """The hardware and software the figures come from: the CPU (model name from the OS, with family and model
+    numbers), its ISA and the ISA each loaded backend runs, the thread count, and the plan each backend runs."""
     import fastattn
+    from fastattn import _plans
 
     flags = _cpu_flags()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
+    try:
+        info = fastattn.plan_info()
+        plans = {b: p.get("plan", "unavailable") + f" ({p.get('source', p.get('unavailable'))})"
+                 for b, p in info["backends"].items()}  # fmt: skip
+        automatic = info["why"]
+    except Exception as exc:  # a broken plan never hides the figures
+        plans, automatic = {"error": first_use_error(exc)}, None
     return {
-        "cpu": _cpu_model(),
+        "cpu": _plans.cpu_id(),
+        "cpu_model": _cpu_model(),
+        "cpu_family": _plans.FAMILY_NAMES[_plans.cpu_family()],
+        "isa": _plans.cpu_isa(),
+        "isa_in_use": isa_in_use(),
+        "threads": fastattn.get_num_threads(),
+        "plans": plans,
+        "automatic_backend": automatic,
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "avx2": "avx2" in flags,
@@ -377,6 +411,14 @@ def machine_info() -> dict:
         "threadpoolctl": _version("threadpoolctl"),
         "backends": backend_reasons(),
     }
+
+
+def machine_line(m: dict, threads=None) -> str:
+    """One line naming where figures come from: CPU, ISA (and per backend in use), threads."""
+    used = m.get("isa_in_use") or {}
+    isa = m.get("isa", "?") + (" (" + ", ".join(f"{b}: {i}" for b, i in used.items()) + ")" if used else "")
+    n = m.get("threads") if threads is None else threads
+    return f"{m['cpu']}, ISA {isa}, {n} threads"
 
 
 # --------------------------------------------------------------------------------------------------------------

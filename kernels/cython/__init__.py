@@ -111,9 +111,20 @@ except ImportError as _exc:
     del _name
 
 
-def configure(*, isa: str = "avx512", tiles: str = "micro", blas: bool = True) -> None:
-    """Values of fastattn's settings: the widest ISA build allowed, the tile products, whether BLAS may load.
+def configure(
+    *,
+    isa: str = "avx512",
+    tiles: str = "micro",
+    blas: bool = True,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    plans: dict | None = None,
+) -> None:
+    """Values of fastattn's settings and plan: the widest ISA build allowed, the tile products and their tile shape
+    (query rows x keys; None: the extension's built-in shape for those tile products), whether BLAS may load.
 
+    ``plans`` (per dtype and head width) is accepted for the registry's sake and not used: the extension holds one
+    tile shape per tile products for the whole process (``_attention._set_tiles``).
     Raises ValueError for a value this backend cannot take (the registry names the setting in its message).
     """
     global _isa_cap
@@ -121,6 +132,8 @@ def configure(*, isa: str = "avx512", tiles: str = "micro", blas: bool = True) -
         return
     if isa not in ("baseline",) + _ISA_ORDER:
         raise ValueError(f"isa must be one of baseline, {', '.join(_ISA_ORDER)}, got {isa!r}")
+    if (block_q is None) != (block_k is None):
+        raise ValueError(f"block_q and block_k go together, got {block_q!r} and {block_k!r}")
     _blas.ALLOWED = bool(blas)
     if isa != _isa_cap:
         _isa_cap = isa
@@ -129,7 +142,16 @@ def configure(*, isa: str = "avx512", tiles: str = "micro", blas: bool = True) -
             from . import blocks
 
             blocks._rebind()
-    _loaded["_attention"]._set_tile_products(tiles)
+    attention = _loaded["_attention"]
+    attention._set_tile_products(tiles)
+    if block_q is not None:
+        attention._set_tiles(tiles, operator.index(block_q), operator.index(block_k))
+
+
+def build(name: str = "_attention"):
+    """The build in use of extension ``name`` (``_attention_avx512``, say): the module whose settings (``_set_tiles``,
+    ``_set_tile_products``) the kernels of this backend read. The plain ``_attention`` is the baseline build."""
+    return _loaded[name]
 
 
 def isa() -> str:

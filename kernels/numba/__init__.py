@@ -7,7 +7,8 @@ compiles ahead of time for the common dtypes and layouts (through the call layer
 Each public name is a thin Python function with exactly the contract's signature. It normalises its arguments so
 that one compiled variant per dtype serves every caller (``scale`` becomes the arrays' dtype, flags ``bool``,
 offsets ``int``; inputs are passed as read-only views; ``mask``/``key_bias`` as a flat view plus strides, which
-covers contiguous arrays and broadcast views alike) and picks the fused engine. The ``@njit`` kernels do the work:
+covers contiguous arrays and broadcast views alike) and picks the fused engine and tile shape of the call's plan
+(``_config.plan_for``: per machine, dtype and head width, see fastattn._plans). The ``@njit`` kernels do the work:
 
     embedding.py         gather, gather_add_positions; gather_backward
     positions.py         add_positions, rope; add_positions_backward (RoPE's backward is rope with -sin)
@@ -55,10 +56,6 @@ __all__ = [
     "blas_info",
     "FASTMATH",
 ]
-
-#: Tile sizes of the fused kernel (query rows x keys). Results do not depend on them beyond rounding.
-BLOCK_Q = 192
-BLOCK_K = 384
 
 #: Decoding (L == 1): with fewer than DECODE_MAX_ROWS (batch, head) rows and more than DECODE_PART keys, the keys are
 #: cut into parts of DECODE_PART keys, computed in parallel and merged by log-sum-exp (``attention_decode``). A rule of
@@ -149,9 +146,10 @@ def attention(out, lse, q, k, v, scale, causal, causal_offset, window, mask, has
                        int(causal_offset), int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias),
                        DECODE_PART, n_threads)
         return
-    kernel = _fused_kernel()
+    tiles, block_q, block_k = _config.plan_for(out.dtype, q.shape[3])  # the plan of this dtype and head width
+    kernel = _fused_kernel(tiles)
     _config.launch(kernel, out, lse, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
-                   int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K,
+                   int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), block_q, block_k,
                    n_threads)
 
 
@@ -191,12 +189,12 @@ def add_positions_backward(grad_positions, grad_out, offset):
     _config.launch(_positions.add_positions_backward, grad_positions, _ro(grad_out), int(offset))
 
 
-def _fused_kernel():
-    """The engine of the tile products ``configure`` chose: "micro" (default), "blas" (SciPy's BLAS made
+def _fused_kernel(tiles):
+    """The engine of the tile products of the call's plan: "micro" (default), "blas" (SciPy's BLAS made
     single-threaded once) or "loops"."""
-    if _config.TILES == "micro":
+    if tiles == "micro":
         return _fused.attention_tiled
-    if _config.TILES == "blas":
+    if tiles == "blas":
         _config.limit_scipy_blas_threads()
         return _fused.attention_blas
     return _fused.attention_loops

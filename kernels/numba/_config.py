@@ -11,8 +11,9 @@ This is the one place that decides
   ``NUMBA_NUM_THREADS``, set by fastattn._threads, the one owner; ``set_local_threads``: an override for the calling
   Python thread only; ``use_num_threads`` applies the right one in the calling thread before each launch) and how
   kernels are launched (``launch``: serialised when Numba fell back to its non-thread-safe "workqueue" layer).
-- which tile products the fused attention uses (``TILES``, set by ``configure``: the registry passes the value of
-  ``FASTATTN_TILES``; this module never reads fastattn's settings from the environment); for the optional "blas"
+- the plan of the fused attention (``PLAN``/``PLANS``: tile products and tile shape, set by ``configure``: the
+  registry passes this machine's plans, fastattn._plans, and ``FASTATTN_TILES``; this module never reads fastattn's
+  settings from the environment); for the optional "blas"
   tiles, that SciPy's BLAS runs single-threaded, so that it does not oversubscribe the cores inside our ``prange``.
 """
 
@@ -134,19 +135,52 @@ def _checked_count(n) -> int:
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 
 #: The tile products of the fused attention (see ``attention_fused.py``): "micro" (the register-blocked micro-kernel
-#: of ``_gemm.py``), "blas" or "loops". ``configure`` sets it.
+#: of ``_gemm.py``), "blas" or "loops".
 TILE_PRODUCTS = ("micro", "blas", "loops")
-TILES = "micro"
+
+#: The plan of the fused attention (tile products, query rows per tile, keys per tile) of every call that no entry
+#: of ``PLANS`` (dtype name, head width) -> plan matches. ``configure`` sets both from the registry's per-machine
+#: plans (fastattn._plans); results do not depend on them beyond rounding.
+PLAN = ("micro", 192, 384)
+PLANS: dict = {}
+TILES = PLAN[0]
 
 
-def configure(*, tiles: str = "micro") -> None:
-    """Values of fastattn's settings (``FASTATTN_TILES``). Raises ValueError for a value that cannot run here."""
-    global TILES
+def _checked_plan(tiles, block_q, block_k) -> tuple[str, int, int]:
     if tiles not in TILE_PRODUCTS:
         raise ValueError(f"tile products must be one of {', '.join(TILE_PRODUCTS)}, got {tiles!r}")
     if tiles == "blas" and not HAVE_SCIPY:
         raise ValueError("blas tiles need SciPy (Numba's np.dot calls its BLAS); install scipy")
-    TILES = tiles
+    bq, bk = operator.index(block_q), operator.index(block_k)
+    if bq < 1 or bk < 1:
+        raise ValueError(f"tile shape must be at least 1x1 (query rows x keys), got {bq}x{bk}")
+    return tiles, bq, bk
+
+
+def configure(*, tiles: str = "micro", block_q: int = 192, block_k: int = 384, plans: dict | None = None) -> None:
+    """The plan of the fused attention: tile products (``FASTATTN_TILES``) and tile shape, and per (dtype name,
+    head width) plans ``(tiles, block_q, block_k)`` that override it. Raises ValueError for a plan that cannot run
+    here (nothing changes then)."""
+    global PLAN, PLANS, TILES
+    plan = _checked_plan(tiles, block_q, block_k)
+    shaped = {(str(dt), int(d)): _checked_plan(*p) for (dt, d), p in (plans or {}).items()}
+    PLAN, PLANS, TILES = plan, shaped, plan[0]
+
+
+def plan_for(dtype, head_dim: int) -> tuple[str, int, int]:
+    """The plan of one fused-attention call: its (dtype, head width) entry, else ``PLAN``."""
+    return PLANS.get((dtype.name, head_dim), PLAN) if PLANS else PLAN
+
+
+def plan_state():
+    """The whole plan state, for ``restore_plan`` (tests force odd plans and put this back)."""
+    return PLAN, dict(PLANS)
+
+
+def restore_plan(state) -> None:
+    global PLAN, PLANS, TILES
+    PLAN, PLANS = state[0], dict(state[1])
+    TILES = PLAN[0]
 
 
 _blas_state = {"limited": False, "how": "not yet"}
@@ -215,6 +249,7 @@ def blas_info() -> dict:
     """How the fused attention computes its tile products (for diagnostics and benchmark reports)."""
     return {
         "tiles": TILES,
+        "tile_shape": f"{PLAN[1]}x{PLAN[2]}",
         "scipy": HAVE_SCIPY,
         "threads": _blas_state["how"],
     }

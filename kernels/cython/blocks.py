@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
+
 try:
     from . import _widest_build
 
@@ -32,6 +34,15 @@ bias_residual_and_layer_norm = _blocks.bias_residual_and_layer_norm
 split_qkv = _blocks.split_qkv
 merge_heads = _blocks.merge_heads
 openmp_enabled = _blocks.openmp_enabled
+layer_norm_backward = _blocks.layer_norm_backward
+gelu_backward = _blocks.gelu_backward
+gelu_tanh_backward = _blocks.gelu_tanh_backward
+bias_gelu_backward = _blocks.bias_gelu_backward
+bias_gelu_tanh_backward = _blocks.bias_gelu_tanh_backward
+bias_backward = _blocks.bias_backward
+split_qkv_backward = _blocks.split_qkv_backward
+merge_heads_backward = _blocks.merge_heads_backward
+cross_entropy = _blocks.cross_entropy
 
 __all__ = [
     "embedding",
@@ -45,6 +56,16 @@ __all__ = [
     "bias_residual_and_layer_norm",
     "split_qkv",
     "merge_heads",
+    "layer_norm_backward",
+    "gelu_backward",
+    "gelu_tanh_backward",
+    "bias_gelu_backward",
+    "bias_gelu_tanh_backward",
+    "bias_backward",
+    "linear_backward",
+    "split_qkv_backward",
+    "merge_heads_backward",
+    "cross_entropy",
     "get_num_threads",
     "set_num_threads",
     "openmp_enabled",
@@ -66,3 +87,9 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or count < 1:
         raise ValueError(f"set_num_threads needs an int >= 1, got: {n!r}")
     _blocks._set_num_threads(count)
+
+
+def linear_backward(grad_x, grad_w, grad_out, x, w):
+    """y = x @ w: grad_x = grad_out @ wᵀ, grad_w = xᵀ @ grad_out (BLAS, through NumPy)."""
+    np.matmul(grad_out, w.T, out=grad_x)
+    np.matmul(x.T, grad_out, out=grad_w)

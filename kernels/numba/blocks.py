@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ._config import HELPER, PARALLEL, get_num_threads, set_num_threads
-from ._math import fast_exp
+from ._math import fast_exp, maxnum
 
 # NumPy's error model: a float division by zero gives inf/nan instead of raising ZeroDivisionError. Python's model
 # puts a check and a branch into every division, which stops LLVM from vectorising the GELU loops (10x slower).
@@ -51,6 +51,16 @@ __all__ = [
     "bias_residual_and_layer_norm",
     "split_qkv",
     "merge_heads",
+    "layer_norm_backward",
+    "gelu_backward",
+    "gelu_tanh_backward",
+    "bias_gelu_backward",
+    "bias_gelu_tanh_backward",
+    "bias_backward",
+    "linear_backward",
+    "split_qkv_backward",
+    "merge_heads_backward",
+    "cross_entropy",
     "get_num_threads",
     "set_num_threads",
     "warmup",
@@ -341,3 +351,260 @@ def warmup(dtypes=("float32", "float64")):
         q = np.empty((B, H, L, d), dt)
         split_qkv(q, np.empty_like(q), np.empty_like(q), np.zeros((B, L, 3 * D), dt), np.zeros(3 * D, dt), 0)
         merge_heads(np.empty((B, L, D), dt), q)
+        g = np.empty_like(x)
+        layer_norm_backward(g, np.empty_like(vec), np.empty_like(vec), x, x, vec, 1e-5, x, True)
+        for fn in (gelu_backward, gelu_tanh_backward):
+            fn(g, x, x)
+        for fn in (bias_gelu_backward, bias_gelu_tanh_backward):
+            fn(g, x, x, vec)
+        bias_backward(np.empty_like(vec), x)
+        split_qkv_backward(np.empty((B, L, 3 * D), dt), q, q, q)
+        merge_heads_backward(np.empty_like(q), np.zeros((B, L, D), dt))
+        cross_entropy(np.empty(B * L, dt), g, x, ids, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward kernels (training). Contract: the backward section of fastattn/_numpy_blocks.py.
+#
+# Sums over rows (grad_gamma, grad_beta, grad_bias) run in parallel over blocks of COLS columns, each column summed
+# over the rows in increasing order in float64: no races, and bitwise the same for any thread count.
+# ----------------------------------------------------------------------------------------------------------------
+COLS = 32  # columns per task of the column sums (a few cache lines of each row)
+
+
+@njit(**INLINE)
+def gelu_grad_scalar(y):
+    """d/dy 0.5 y (1 + erf(y/√2)) = Φ(y) + y φ(y)."""
+    cdf = const(y, 0.5) * (const(y, 1.0) + fast_erf(y * const(y, _SQRT_HALF)))
+    pdf = fast_exp(const(y, -0.5) * y * y) * const(y, 0.3989422804014327)  # exp(-y²/2) / √(2π)
+    return cdf + y * pdf
+
+
+@njit(**INLINE)
+def gelu_tanh_grad_scalar(y):
+    """d/dy 0.5 y (1 + tanh u): with s = ½(1 + tanh u) = 1 / (1 + exp(-2u)), it is s + 2 y s (1 - s) du/dy."""
+    y2 = y * y
+    u = const(y, _SQRT_2_OVER_PI) * (y + const(y, 0.044715) * y2 * y)
+    du = const(y, _SQRT_2_OVER_PI) * (const(y, 1.0) + const(y, 3.0 * 0.044715) * y2)
+    t = min(const(y, -2.0) * u, const(y, 88.0))  # float32 exp is valid up to 88; beyond, s is 0 to the last bit
+    s = const(y, 1.0) / (const(y, 1.0) + fast_exp(t))
+    return s + const(y, 2.0) * y * s * (const(y, 1.0) - s) * du
+
+
+@njit(**KERNEL)
+def _row_stats(stats, x, eps):
+    """stats[r] = (mean, 1 / sqrt(var + eps)) of each row of x, in float64 (two-pass variance)."""
+    R, D = x.shape
+    for r in prange(R):
+        xr = x[r]
+        total = 0.0
+        for j in range(D):
+            total += xr[j]
+        mean = total / D
+        sq = 0.0
+        for j in range(D):
+            c = xr[j] - mean
+            sq += c * c
+        stats[r, 0] = mean
+        stats[r, 1] = 1.0 / math.sqrt(sq / D + eps)
+
+
+@njit(**KERNEL)
+def _layer_norm_param_grads(grad_gamma, grad_beta, grad_out, x, stats):
+    """grad_gamma = Σ_r grad_out x̂, grad_beta = Σ_r grad_out, over rows in order; parallel over column blocks."""
+    R, D = x.shape
+    nblocks = (D + COLS - 1) // COLS
+    for blk in prange(nblocks):
+        lo = blk * COLS
+        hi = min(lo + COLS, D)
+        acc_g = np.zeros(COLS, np.float64)
+        acc_b = np.zeros(COLS, np.float64)
+        for r in range(R):
+            mean = stats[r, 0]
+            rstd = stats[r, 1]
+            for c in range(lo, hi):
+                g = grad_out[r, c]
+                acc_g[c - lo] += g * ((x[r, c] - mean) * rstd)
+                acc_b[c - lo] += g
+        for c in range(lo, hi):
+            grad_gamma[c] = acc_g[c - lo]
+            grad_beta[c] = acc_b[c - lo]
+
+
+@njit(**KERNEL)
+def _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, has_residual):
+    """grad_x = σ⁻¹ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)) (+ grad_residual), ĝ = grad_out γ; in place on grad_out allowed.
+
+    In float64 throughout (float32 inputs are widened element by element): σ⁻¹ can be large (1/√eps for a
+    constant row), and it would magnify the rounding of a float32 ĝ - mean(ĝ) (a fused multiply-add keeps the
+    product unrounded) far beyond float32's own error.
+    """
+    R, D = x.shape
+    for r in prange(R):
+        xr = x[r]
+        go = grad_out[r]
+        m = stats[r, 0]
+        rs = stats[r, 1]
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(D):
+            g = np.float64(go[j]) * gamma[j]
+            s1 += g
+            s2 += g * ((xr[j] - m) * rs)
+        m1 = s1 / D
+        m2 = s2 / D
+        gx = grad_x[r]
+        if has_residual:
+            res = grad_residual[r]
+            for j in range(D):
+                gx[j] = rs * (np.float64(go[j]) * gamma[j] - m1 - (xr[j] - m) * rs * m2) + res[j]
+        else:
+            for j in range(D):
+                gx[j] = rs * (np.float64(go[j]) * gamma[j] - m1 - (xr[j] - m) * rs * m2)
+
+
+@njit(**KERNEL)
+def _bias_backward(grad_bias, grad_out):
+    """grad_bias[c] = Σ_r grad_out[r, c] in row order (float64); parallel over column blocks."""
+    R, D = grad_out.shape
+    nblocks = (D + COLS - 1) // COLS
+    for blk in prange(nblocks):
+        lo = blk * COLS
+        hi = min(lo + COLS, D)
+        acc = np.zeros(COLS, np.float64)
+        for r in range(R):
+            for c in range(lo, hi):
+                acc[c - lo] += grad_out[r, c]
+        for c in range(lo, hi):
+            grad_bias[c] = acc[c - lo]
+
+
+@njit(**KERNEL)
+def _gelu_backward(grad_x, grad_out, x, bias, has_bias, tanh_form):
+    """grad_x = grad_out * gelu'(x + bias), erf or tanh form; grad_x may be grad_out."""
+    R, D = x.shape
+    for r in prange(R):
+        gx = grad_x[r]
+        go = grad_out[r]
+        xr = x[r]
+        if tanh_form:
+            if has_bias:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_tanh_grad_scalar(xr[c] + bias[c])
+            else:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_tanh_grad_scalar(xr[c])
+        else:
+            if has_bias:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_grad_scalar(xr[c] + bias[c])
+            else:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_grad_scalar(xr[c])
+
+
+@njit(**KERNEL)
+def _split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v):
+    """grad_q, grad_k, grad_v (B, H, L, d) -> grad_qkv (B, L, 3·H·d)."""
+    B, H, L, d = grad_q.shape
+    HD = H * d
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        row = grad_qkv[b, n]  # (3·H·d,)
+        for h in range(H):
+            src_q = grad_q[b, h, n]
+            src_k = grad_k[b, h, n]
+            src_v = grad_v[b, h, n]
+            for e in range(d):
+                row[h * d + e] = src_q[e]
+            for e in range(d):
+                row[HD + h * d + e] = src_k[e]
+            for e in range(d):
+                row[2 * HD + h * d + e] = src_v[e]
+
+
+@njit(**KERNEL)
+def _merge_heads_backward(grad_o, grad_out):
+    """grad_out (B, L, H·d) -> grad_o (B, H, L, d)."""
+    B, H, L, d = grad_o.shape
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        src = grad_out[b, n]
+        for h in range(H):
+            dst = grad_o[b, h, n]
+            for e in range(d):
+                dst[e] = src[h * d + e]
+
+
+@njit(**KERNEL)
+def _cross_entropy(loss, grad_logits, logits, labels, scale):
+    """Per row: loss = logsumexp - logit[label]; grad = scale (softmax - onehot); label < 0: 0 and 0. In place ok."""
+    R, Vocab = logits.shape
+    for r in prange(R):
+        z = logits[r]
+        g = grad_logits[r]
+        label = labels[r]
+        if label < 0:
+            loss[r] = 0.0
+            for j in range(Vocab):
+                g[j] = 0.0
+            continue
+        m = z[0]
+        for j in range(1, Vocab):  # row max (NaN-ignoring, vectorised)
+            m = maxnum(m, z[j])
+        total = 0.0
+        for j in range(Vocab):  # sum of exp in float64
+            total += fast_exp(z[j] - m)
+        picked = z[label]
+        loss[r] = (m - picked) + math.log(total)
+        inv = z.dtype.type(scale / total)
+        for j in range(Vocab):  # probabilities recomputed, scaled: the only pass that writes
+            g[j] = fast_exp(z[j] - m) * inv
+        g[label] -= z.dtype.type(scale)
+
+
+def layer_norm_backward(grad_x, grad_gamma, grad_beta, grad_out, x, gamma, eps, grad_residual, has_residual):
+    stats = np.empty((x.shape[0], 2), np.float64)  # (R, 2): mean, 1/std
+    _row_stats(stats, x, float(eps))
+    _layer_norm_param_grads(grad_gamma, grad_beta, grad_out, x, stats)  # first: grad_x may overwrite grad_out
+    _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, bool(has_residual))
+
+
+def gelu_backward(grad_x, grad_out, x):
+    _gelu_backward(grad_x, grad_out, x, x[0, :0] if x.size else x.reshape(-1), False, False)
+
+
+def gelu_tanh_backward(grad_x, grad_out, x):
+    _gelu_backward(grad_x, grad_out, x, x[0, :0] if x.size else x.reshape(-1), False, True)
+
+
+def bias_gelu_backward(grad_x, grad_out, x, bias):
+    _gelu_backward(grad_x, grad_out, x, bias, True, False)
+
+
+def bias_gelu_tanh_backward(grad_x, grad_out, x, bias):
+    _gelu_backward(grad_x, grad_out, x, bias, True, True)
+
+
+def bias_backward(grad_bias, grad_out):
+    _bias_backward(grad_bias, grad_out)
+
+
+def linear_backward(grad_x, grad_w, grad_out, x, w):
+    """y = x @ w: grad_x = grad_out @ wᵀ, grad_w = xᵀ @ grad_out (BLAS)."""
+    np.matmul(grad_out, w.T, out=grad_x)
+    np.matmul(x.T, grad_out, out=grad_w)
+
+
+def split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v):
+    _split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v)
+
+
+def merge_heads_backward(grad_o, grad_out):
+    _merge_heads_backward(grad_o, grad_out)
+
+
+def cross_entropy(loss, grad_logits, logits, labels, scale):
+    _cross_entropy(loss, grad_logits, logits, labels, float(scale))

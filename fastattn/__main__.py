@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {demo,bench,profile,embed} ...``.
+"""Command line: ``python -m fastattn {demo,bench,profile,embed,train} ...``.
 
 Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches, importing nothing heavy until a subcommand runs.
@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "fastattn.bench",
     "profile": "fastattn.profile",
     "embed": "fastattn.models.cli",
+    "train": "fastattn.tools.train",
 }
 
 

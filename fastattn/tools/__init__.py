@@ -1,0 +1,1 @@
+"""The command-line tools of ``python -m fastattn``: each module has ``HELP``, ``add_arguments``, ``run``."""

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -224,11 +225,14 @@ def _attention_args(q, k, bias):
     return mask, (bias if has_bias else _absent(q.dtype, (B, S))), has_bias
 
 
-def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray | None, backend):
+def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray | None, backend, timings=None):
     """Mean cross-entropy of ``labels`` (B, L; -100 ignored; already shifted) and the gradient of every tensor.
 
     ``ids`` and ``labels`` are validated int64 (B, L) arrays, ``keep`` a bool (B, L) padding mask or None.
+    ``timings``: a dict that receives the seconds of each part ("forward", "loss head", "backward") (the bench).
     """
+    clock = time.perf_counter
+    t0 = clock()
     cfg, w = model.config, model._w
     kern, blk = _ops.kernels(model.backend if backend is None else backend)
     dt = model.dtype
@@ -276,6 +280,7 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
             saved.append(s)
         a = np.empty((T, D), dt)
         blk.layer_norm(a, h, w["lnf_g"], w["lnf_b"], eps)
+        t1 = clock()
 
         # ---------------------------------------------------------------------- loss head, a tile at a time
         head = w["lm_head"]  # (D, V): wteᵀ when tied
@@ -300,6 +305,7 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
         loss = total / count
         if grad_head is not None:
             grads["lm_head.weight"][...] = grad_head.T
+        t2 = clock()
 
         # ----------------------------------------------------------------------------------------- backward
         grad_h = np.empty((T, D), dt)
@@ -346,4 +352,6 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
         kern.gather_backward(grad_table, grad_h, np.ascontiguousarray(ids.reshape(-1)))
         grad_wte += grad_table
         kern.add_positions_backward(grads["wpe.weight"], grad_h.reshape(B, L, D), 0)
+    if timings is not None:
+        timings.update({"forward": t1 - t0, "loss head": t2 - t1, "backward": clock() - t2})
     return loss, grads

@@ -73,8 +73,10 @@ def test_attention(measure, fa_kernels, request, dtype, shape, mask, backend):
         no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (B, H, N, N))
         no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, N))
 
+        lse = np.empty((B, H, N), dtype=dtype)
+
         def fn():
-            kern.attention(out, q, k, v, scale, causal, 0, no_mask, False, no_bias, False)
+            kern.attention(out, lse, q, k, v, scale, causal, 0, 0, no_mask, False, no_bias, False)
             return out
 
     measure(
@@ -104,8 +106,10 @@ def test_cython_tile_products(measure, fa_kernels, dtype, shape, mask, tiles):
     no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (B, H, N, N))
     no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, N))
 
+    lse = np.empty((B, H, N), dtype=dtype)
+
     def fn():
-        kern.attention(out, q, k, v, 1.0 / math.sqrt(d), causal, 0, no_mask, False, no_bias, False)
+        kern.attention(out, lse, q, k, v, 1.0 / math.sqrt(d), causal, 0, 0, no_mask, False, no_bias, False)
         return out
 
     previous = _attention._set_tile_products(tiles)

@@ -81,7 +81,7 @@ def test_scores(measure, fa_kernels, request, dtype, shape, mask, backend):
         no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, N))
 
         def fn():
-            kern.scores(out, q, k, scale, causal, 0, no_mask, False, no_bias, False)
+            kern.scores(out, q, k, scale, causal, 0, 0, no_mask, False, no_bias, False)
             return out
 
     measure(

@@ -26,6 +26,9 @@ _MODULES = {
     "cython": "fastattn.kernels.cython",
 }
 _KERNELS = ("gather", "gather_add_positions", "add_positions", "rope", "scores", "softmax", "weighted_sum", "attention")
+#: The backward kernels (CONTRACT.md); a backend without them serves the forward pass only.
+BACKWARD_KERNELS = ("attention_backward", "softmax_backward", "scores_backward", "weighted_sum_backward",
+                    "gather_backward", "add_positions_backward")  # fmt: skip
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
 _loaded: dict[str, object] = {}
@@ -183,6 +186,10 @@ def kernels(backend: str | None = None, family: str | None = None):
                     ) from exc
                 _failed[name] = f"importing {module_name} failed: {exc}"
                 raise _unavailable_error(name, "on first use") from exc
+            if name == "cython" and family is None:  # TEMPORARY until cython-backward merges
+                from ._cython_compat import adapt
+
+                mod = adapt(mod)
             if hasattr(mod, "set_num_threads") and (_thread_setting[0] is not None or name in _fork_serial):
                 mod.set_num_threads(_threads_for(name, _thread_setting[0]))
             _loaded[key] = mod

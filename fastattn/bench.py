@@ -13,6 +13,11 @@ attention  (B, H, N, d), full and causal: ``<backend> fused`` (the ``attention``
            ``<backend> stages`` (its ``scores`` -> ``softmax`` -> ``weighted_sum`` kernels), ``oracle``
            (``fastattn.oracle.scaled_dot_product_attention``, the baseline) and ``torch sdpa``
            (``torch.nn.functional.scaled_dot_product_attention``). GFLOP/s = 4·N²·d·H·B / t, half when causal.
+attention_backward  (B, H, N, d), full and causal: ``<backend> fused backward`` (the ``attention_backward``
+           kernel, from the forward's saved output and log-sum-exp) against ``torch sdpa backward`` (the baseline:
+           ``.backward(grad)`` of ``scaled_dot_product_attention`` with ``requires_grad``, its graph built outside
+           the timer and kept with ``retain_graph``, so the backward alone is timed). GFLOP/s counts 2.5x the
+           forward's FLOPs (the backward's five tile products against the forward's two).
 embedding  T ids into a (V, D) table: ``<backend> gather``, ``numpy table[ids]`` (the baseline: the literal one-hot
            oracle would do 2·T·V·D FLOPs, 5 TFLOP at the default size), ``torch embedding``
            (``nn.functional.embedding``) and ``torch index_select``. GB/s = (2·T·D·itemsize + 8·T) / t.
@@ -87,7 +92,7 @@ DEFAULTS = {
     "dtypes": ("float32",),
     "masks": ("full", "causal"),
 }
-FAMILIES = ("attention", "embedding")
+FAMILIES = ("attention", "embedding", "attention_backward")
 MASKS = ("full", "causal")
 COMPILED = ("numba", "cython")
 
@@ -126,7 +131,9 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("grid (defaults: the full grid, or the quick one with --quick)")
     g.add_argument("--quick", action="store_true", help="a small grid that runs in under a minute")
-    g.add_argument("--families", type=_csv(FAMILIES), help="attention,embedding (default: both)")
+    g.add_argument(
+        "--families", type=_csv(FAMILIES), help="attention,embedding,attention_backward (default: the first two)"
+    )
     g.add_argument("-n", "--seq-lens", type=_csv(int), help="attention N values (full: 128,512,1024,2048,4096)")
     g.add_argument("--batch", type=_positive_int, help="attention batch B (default 1)")
     g.add_argument("--heads", type=_positive_int, help="attention heads H (default 12)")
@@ -212,6 +219,7 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
     import numpy as np
 
     from . import _timing, oracle
+    from ._cython_compat import lse_scratch  # TEMPORARY until cython-backward merges (then: np.empty)
 
     B, H, d = s["batch"], s["heads"], s["head_dim"]
     rng = np.random.default_rng(s["seed"])
@@ -240,9 +248,10 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
         if kern is None:
             continue
         out = np.zeros((B, H, n, d), dtype=dtype)
+        lse = lse_scratch(kern, (B, H, n), dtype)
 
-        def fused(kern=kern, out=out):
-            kern.attention(out, q, k, v, scale, causal, 0, no_mask, False, no_bias, False)
+        def fused(kern=kern, out=out, lse=lse):
+            kern.attention(out, lse, q, k, v, scale, causal, 0, 0, no_mask, False, no_bias, False)
             return out
 
         contenders.append(C(f"{name} fused", fused, {"kind": "fused", "backend": name}))
@@ -252,7 +261,7 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
             o = np.zeros((B, H, n, d), dtype=dtype)
 
             def stages(kern=kern, scores=scores, rows=rows, o=o):
-                kern.scores(scores, q, k, scale, causal, 0, no_mask, False, no_bias, False)
+                kern.scores(scores, q, k, scale, causal, 0, 0, no_mask, False, no_bias, False)
                 kern.softmax(rows, rows)
                 kern.weighted_sum(o, scores, v)
                 return o
@@ -268,6 +277,60 @@ def _attention_point(s, dtype, n, causal, backends, torch, kernels):
         contenders,
         flop=_timing.attention_flop(B, H, n, n, d, causal),
         baseline="oracle",
+        check=tol,
+    )
+
+
+def _attention_backward_point(s, dtype, n, causal, backends, torch, kernels):
+    import math
+
+    import numpy as np
+
+    from . import _timing
+
+    B, H, d = s["batch"], s["heads"], s["head_dim"]
+    rng = np.random.default_rng(s["seed"])
+    q, k, v, g = (rng.standard_normal((B, H, n, d), dtype=np.float64).astype(dtype) for _ in range(4))
+    scale = 1.0 / math.sqrt(d)
+    no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dtype), (B, H, n, n))
+    no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dtype), (B, n))
+    contenders = []
+    C = _timing.Contender
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v))
+        t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        tg = torch.from_numpy(g)
+
+        def torch_backward():
+            for t in (tq, tk, tv):
+                t.grad = None
+            t_out.backward(tg, retain_graph=True)
+            return tq.grad
+
+        contenders.append(C("torch sdpa backward", torch_backward, {"kind": "peer"}))
+    for name in backends:
+        kern = kernels.get(name)
+        if kern is None or not hasattr(kern, "attention_backward"):
+            continue
+        out, lse = np.zeros((B, H, n, d), dtype=dtype), np.empty((B, H, n), dtype=dtype)
+        kern.attention(out, lse, q, k, v, scale, causal, 0, 0, no_mask, False, no_bias, False)
+        grads = tuple(np.empty((B, H, n, d), dtype=dtype) for _ in range(3))
+
+        def fused_backward(kern=kern, out=out, lse=lse, grads=grads):
+            kern.attention_backward(*grads, g, q, k, v, out, lse, scale, causal, 0, 0, no_mask, False, no_bias, False)
+            return grads[0]
+
+        contenders.append(C(f"{name} fused backward", fused_backward, {"kind": "fused", "backend": name}))
+    label = f"attention backward {dtype} B={B} H={H} d={d} N={n} {'causal' if causal else 'full'}"
+    params = {"dtype": dtype, "batch": B, "heads": H, "seq_len": n, "head_dim": d, "causal": causal}
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == "float32" else {"rtol": 1e-8, "atol": 1e-10}
+    return _Point(
+        "attention_backward",
+        label,
+        params,
+        contenders,
+        flop=2.5 * _timing.attention_flop(B, H, n, n, d, causal),
+        baseline="torch sdpa backward" if torch is not None else None,
         check=tol,
     )
 
@@ -330,6 +393,12 @@ def _points(s, backends, torch, kernels):
         if "embedding" in s["families"]:
             for t in s["tokens"]:
                 yield lambda dtype=dtype, t=t: _embedding_point(s, dtype, t, backends, torch, kernels)
+        if "attention_backward" in s["families"]:
+            for causal in [m == "causal" for m in s["masks"]]:
+                for n in s["seq_lens"]:
+                    yield lambda dtype=dtype, n=n, causal=causal: _attention_backward_point(
+                        s, dtype, n, causal, backends, torch, kernels
+                    )
 
 
 def _n_points(s) -> int:
@@ -338,6 +407,8 @@ def _n_points(s) -> int:
         per_dtype += len(s["masks"]) * len(s["seq_lens"])
     if "embedding" in s["families"]:
         per_dtype += len(s["tokens"])
+    if "attention_backward" in s["families"]:
+        per_dtype += len(s["masks"]) * len(s["seq_lens"])
     return per_dtype * len(s["dtypes"])
 
 
@@ -360,7 +431,9 @@ def _records(point: _Point, peak: dict | None, checks: dict) -> list[dict]:
         return c.stats().median if c is not None and c.ok else None
 
     base = median_of(point.baseline) if point.baseline else None
-    torch_name = "torch sdpa" if point.family == "attention" else "torch embedding"
+    torch_name = {"attention": "torch sdpa", "attention_backward": "torch sdpa backward"}.get(
+        point.family, "torch embedding"
+    )
     torch_median = median_of(torch_name)
     rows = []
     for c in point.contenders:
@@ -423,7 +496,14 @@ def _sections(records: list[dict], peaks: dict):
         sections.setdefault(_section_key(r), []).append(r)
     for (family, dtype, causal), rows in sections.items():
         first = rows[0]
-        if family == "attention":
+        if family == "attention_backward":
+            mask = "causal" if causal else "full"
+            title = [
+                f"attention backward, {dtype}, {mask}: B={first['batch']} H={first['heads']} d={first['head_dim']}; "
+                f"GFLOP/s = 2.5*4*N^2*d*H*B/t{' / 2 (causal)' if causal else ''}; baseline = torch sdpa backward"
+            ]
+            size_key, size_head, rate_key, rate_unit, base_head = "seq_len", "N", "gflops", "GFLOP/s", "x torch bw"
+        elif family == "attention":
             peak = peaks.get(dtype)
             mask = "causal" if causal else "full"
             title = [

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _backends
 from . import _validation as V
+from ._cython_compat import lse_scratch  # TEMPORARY until cython-backward merges (then: np.empty)
 
 __all__ = [
     "embed",
@@ -206,19 +207,21 @@ def _mask_4d(m: np.ndarray, batch: tuple[int, ...], heads: int, L: int, S: int) 
     return np.broadcast_to(flat, (math.prod(batch), heads, L, S))
 
 
-def _run_attention(kern, q, k, v, scale, causal, causal_offset, mask, key_bias) -> np.ndarray:
+def _run_attention(kern, q, k, v, scale, causal, causal_offset, mask, key_bias, window=0, want_lse=False):
     """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) contiguous; mask None or (B, Hq, L, S) view;
-    key_bias None or (B, S) view. Returns (B, Hq, L, Ev)."""
+    key_bias None or (B, S) view. Returns out (B, Hq, L, Ev), and lse (B, Hq, L) too when ``want_lse``."""
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     out = np.zeros((B, Hq, L, Ev), dtype=q.dtype)
     if out.size == 0 or S == 0:  # nothing to compute, or no key at all: every row attends to nothing -> zeros
-        return out
+        return (out, np.full((B, Hq, L), -np.inf, q.dtype)) if want_lse else out
     has_mask, has_bias = mask is not None, key_bias is not None
     mask = mask if has_mask else _dummy(q.dtype, (B, Hq, L, S))
     key_bias = key_bias if has_bias else _dummy(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, has_mask, key_bias, has_bias)
-    return out
+    lse = np.empty((B, Hq, L), q.dtype) if want_lse else lse_scratch(kern, (B, Hq, L), q.dtype)
+    kern.attention(out, lse, q, k, v, float(scale), bool(causal), int(causal_offset), int(window), mask, has_mask,
+                   key_bias, has_bias)  # fmt: skip
+    return (out, lse) if want_lse else out
 
 
 def scaled_dot_product_attention(
@@ -231,8 +234,10 @@ def scaled_dot_product_attention(
     scale=None,
     enable_gqa=False,
     *,
+    window=None,
+    return_lse=False,
     backend=None,
-) -> np.ndarray:
+):
     """softmax(Q Kᵀ · scale + mask) V, with the signature and semantics of PyTorch's function, on NumPy arrays.
 
     Parameters
@@ -251,10 +256,16 @@ def scaled_dot_product_attention(
         Default ``1 / sqrt(E)``.
     enable_gqa : bool
         Grouped-query attention: key/value heads Hkv divide query heads Hq; each serves Hq/Hkv consecutive heads.
+    window : int, optional
+        Sliding window (with ``is_causal`` only): query i sees keys j with ``i - window < j <= i``.
+    return_lse : bool
+        Also return the log-sum-exp of each row's scaled, masked scores, the one number per row that
+        ``scaled_dot_product_attention_backward`` needs besides the output.
 
     Returns
     -------
     ndarray, shape (..., L, Ev), dtype of the inputs. A row with no key to attend to is zeros, never NaN.
+    With ``return_lse=True``: ``(out, lse)``, lse of shape (..., L) (``-inf`` for a row with no key to attend to).
 
     Notes
     -----
@@ -282,6 +293,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p must be 0.0: fastattn is inference only, got {dropout_p}")
     if is_causal and attn_mask is not None:
         raise ValueError("is_causal=True cannot be combined with attn_mask: pass one or the other")
+    window = check_window(window, is_causal)
+    return_lse = V.flag("return_lse", return_lse)
     L, E = q.shape[-2:]
     S = k.shape[-2]
     if k.shape[-1] != E:
@@ -330,8 +343,21 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         m = V.mask_array("attn_mask", attn_mask, dtype, lead + (L, S))
         mask = _mask_4d(m, batch, Hq, L, S)
-    out = _run_attention(_backends.kernels(backend), q4, k4, v4, scale, is_causal, 0, mask, None)
-    return out.reshape(lead + (L, Ev))
+    kern = _backends.kernels(backend)
+    if not return_lse:
+        return _run_attention(kern, q4, k4, v4, scale, is_causal, 0, mask, None, window).reshape(lead + (L, Ev))
+    out, lse = _run_attention(kern, q4, k4, v4, scale, is_causal, 0, mask, None, window, want_lse=True)
+    return out.reshape(lead + (L, Ev)), lse.reshape(lead + (L,))
+
+
+def check_window(window, is_causal) -> int:
+    """``window`` of scaled_dot_product_attention as the kernels' int (0: none)."""
+    if window is None:
+        return 0
+    window = V.positive_int("window", window)
+    if not is_causal:
+        raise ValueError(f"window={window} needs is_causal=True (a sliding window over the causal lower triangle)")
+    return window
 
 
 def _rope_settings(rope) -> tuple[int, float, bool] | None:

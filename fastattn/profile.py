@@ -141,6 +141,7 @@ class _Pipeline:
 
         import numpy as np
 
+        from ._cython_compat import lse_scratch  # TEMPORARY until cython-backward merges (then: np.empty)
         from .functional import _project_heads
 
         self.kern, self.ids, self.params, self.causal = kern, ids, params, causal
@@ -174,7 +175,7 @@ class _Pipeline:
 
         def scores(st):
             st.s = np.empty((B, H, N, N), dtype=dt)
-            kern.scores(st.s, st.q, st.k, scale, causal, 0, no_mask, False, no_bias, False)
+            kern.scores(st.s, st.q, st.k, scale, causal, 0, 0, no_mask, False, no_bias, False)
 
         def softmax(st):
             rows = st.s.reshape(-1, N)
@@ -208,7 +209,8 @@ class _Pipeline:
 
         def fused_attention(st):
             out = np.zeros((B, H, N, d), dtype=dt)
-            kern.attention(out, st.q, st.k, st.v, scale, causal, 0, no_mask, False, no_bias, False)
+            lse = lse_scratch(kern, (B, H, N), dt)
+            kern.attention(out, lse, st.q, st.k, st.v, scale, causal, 0, 0, no_mask, False, no_bias, False)
             return out
 
         def embed_positions(st):

@@ -218,7 +218,7 @@ def test_stage_kernels(backend, dtype, causal, offset):
     key_bias = np.broadcast_to(rand(rng, (1, S), dtype), (B, S))
     kern = _backends.kernels(backend)
     s = np.empty((B, Hq, L, S), dtype)
-    kern.scores(s, q, k, 0.3, causal, offset, mask, True, key_bias, True)
+    kern.scores(s, q, k, 0.3, causal, offset, 0, mask, True, key_bias, True)
     full = mask + key_bias[:, None, None, :]
     if causal:
         full = full + np.where(oracle.causal_mask(L, S, offset), 0.0, -np.inf)
@@ -236,7 +236,7 @@ def test_stage_kernels(backend, dtype, causal, offset):
     kern.weighted_sum(o, p, v)
     check_against_oracle(o, lambda p_, v_: p_ @ np.repeat(v_, 2, axis=1), (p, v))
     fused = np.empty_like(o)
-    kern.attention(fused, q, k, v, 0.3, causal, offset, mask, True, key_bias, True)
+    kern.attention(fused, np.empty((B, Hq, L), dtype), q, k, v, 0.3, causal, offset, 0, mask, True, key_bias, True)
     check_against_oracle(
         fused,
         lambda a, b, c: (
@@ -257,7 +257,7 @@ def test_fused_bottom_right_causal(backend, L, S, offset):
     )
     out = np.empty((1, 2, L, 8))
     dm, db = np.broadcast_to(np.zeros((1, 1, 1, 1)), (1, 2, L, S)), np.broadcast_to(np.zeros((1, 1)), (1, S))
-    _backends.kernels(backend).attention(out, q, k, v, 0.5, True, offset, dm, False, db, False)
+    _backends.kernels(backend).attention(out, np.empty((1, 2, L)), q, k, v, 0.5, True, offset, 0, dm, False, db, False)
     mask = np.where(oracle.causal_mask(L, S, offset), 0.0, -np.inf)
     ref = oracle.softmax(oracle.attention_scores(q, k, 0.5, mask)) @ v
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
@@ -360,10 +360,10 @@ def test_cython_tile_edges(tiles, bq, bk, E, Ev, dtype):
         assert _attention.tile_products().startswith(tiles)
         kern = _backends.kernels("cython")
         out = np.empty((B, Hq, L, Ev), dtype)
-        kern.attention(out, q, k, v, 0.5, True, 3, mask, True, no_bias, False)
+        kern.attention(out, np.empty((B, Hq, L), dtype), q, k, v, 0.5, True, 3, 0, mask, True, no_bias, False)
         check_against_oracle(out, ref, (q, k, v))
         s = np.empty((B, Hq, L, S), dtype)
-        kern.scores(s, q, k, 0.5, False, 0, mask, False, no_bias, False)
+        kern.scores(s, q, k, 0.5, False, 0, 0, mask, False, no_bias, False)
         check_against_oracle(s, lambda q_, k_: oracle.attention_scores(q_, np.repeat(k_, Hq, axis=1), 0.5), (q, k))
         p = oracle.softmax(s.astype(np.float64)).astype(dtype)
         kern.weighted_sum(out, p, v)

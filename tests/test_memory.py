@@ -118,7 +118,8 @@ def test_fused_attention_index_arithmetic_is_64_bit(backend_, dtype):
     key_bias = np.zeros((1, S), dtype)
     key_bias[0, 2] = np.log(3.0)  # key 2 weighs 3 (through the key bias)
     out = np.full((1, 2, L, 2), np.nan, dtype)
-    _backends.kernels(backend_).attention(out, q, k, v, 1.0, True, offset, mask, True, key_bias, True)
+    lse = np.empty((1, 2, L), dtype)
+    _backends.kernels(backend_).attention(out, lse, q, k, v, 1.0, True, offset, 0, mask, True, key_bias, True)
     np.testing.assert_array_equal(out[:, :, : L - 3], 0.0)  # rows with no visible key
     expected = np.array(
         [

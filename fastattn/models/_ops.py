@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .. import _validation as V
+from .._cython_compat import lse_scratch  # TEMPORARY until cython-backward merges (then: np.empty)
 from ._checkpoint import CheckpointError
 
 #: config.json activation names -> the block kernel that applies it after the bias add.
@@ -91,7 +92,8 @@ def attend(kern, out, q, k, v, scale: float, causal: bool, causal_offset: int, b
     has_bias = bias is not None
     if not has_bias:
         bias = _absent(q.dtype, (B, S))
-    kern.attention(out, q, k, v, float(scale), bool(causal), int(causal_offset), mask, False, bias, has_bias)
+    lse = lse_scratch(kern, (B, H, L), q.dtype)  # TEMPORARY until cython-backward merges (then: np.empty)
+    kern.attention(out, lse, q, k, v, float(scale), bool(causal), int(causal_offset), 0, mask, False, bias, has_bias)
 
 
 #: Below this many elements in a step's widest activation (tokens x width), the kernels run on one thread: waking a

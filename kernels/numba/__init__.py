@@ -9,10 +9,12 @@ that one compiled variant per dtype serves every caller (``scale`` becomes the a
 offsets ``int``; inputs are passed as read-only views; ``mask``/``key_bias`` as a flat view plus strides, which
 covers contiguous arrays and broadcast views alike) and picks the fused engine. The ``@njit`` kernels do the work:
 
-    embedding.py         gather, gather_add_positions
-    positions.py         add_positions, rope
+    embedding.py         gather, gather_add_positions; gather_backward
+    positions.py         add_positions, rope; add_positions_backward (RoPE's backward is rope with -sin)
     attention_stages.py  scores, softmax, weighted_sum          (stage by stage, profilable one at a time)
+                         and their backward kernels (softmax_backward, scores_backward, weighted_sum_backward)
     attention_fused.py   attention_tiled (default), attention_blas, attention_loops   (flash style, O(N) memory)
+    attention_backward.py  attention_backward                   (flash style, P recomputed from lse)
     _gemm.py             the register-blocked tile product of attention_tiled
     _math.py             vectorisable exp, NaN-ignoring max
     _config.py           fastmath flags, cache folder, threads, SciPy BLAS threads
@@ -23,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _config  # first of ours: it settles NUMBA_CACHE_DIR before Numba is imported
+from . import attention_backward as _backward
 from . import attention_fused as _fused
 from . import attention_stages as _stages
 from . import embedding as _embedding
@@ -38,6 +41,12 @@ __all__ = [
     "softmax",
     "weighted_sum",
     "attention",
+    "attention_backward",
+    "softmax_backward",
+    "scores_backward",
+    "weighted_sum_backward",
+    "gather_backward",
+    "add_positions_backward",
     "get_num_threads",
     "set_num_threads",
     "warmup",
@@ -48,6 +57,10 @@ __all__ = [
 #: Tile sizes of the fused kernel (query rows x keys). Results do not depend on them beyond rounding.
 BLOCK_Q = 192
 BLOCK_K = 384
+
+#: Tile sizes of the fused backward (query rows x keys): multiples of the micro-kernel's rows and vector width.
+BACKWARD_BLOCK_Q = 96
+BACKWARD_BLOCK_K = 128
 
 #: Fused engine: "tiled" (register-blocked tile products, the fast one), "blas" (np.dot tiles through SciPy's
 #: BLAS, needs SciPy) or "loops" (plain loops, the readable one). ``FASTATTN_NUMBA_ENGINE`` overrides.
@@ -101,12 +114,12 @@ def rope(out, x, cos, sin, interleaved):
     _config.launch(_positions.rope, out, _ro(x), _ro(cos), _ro(sin), bool(interleaved))
 
 
-def scores(out, q, k, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+def scores(out, q, k, scale, causal, causal_offset, window, mask, has_mask, key_bias, has_key_bias):
     _config.use_num_threads()
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
     _config.launch(_stages.scores, out, _ro(q), _ro(k), out.dtype.type(scale), bool(causal), int(causal_offset),
-                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias))
+                   int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias))
 
 
 def softmax(out, s):
@@ -119,13 +132,50 @@ def weighted_sum(out, p, v):
     _config.launch(_stages.weighted_sum, out, _ro(p), _ro(v), n_threads)
 
 
-def attention(out, q, k, v, scale, causal, causal_offset, mask, has_mask, key_bias, has_key_bias):
+def attention(out, lse, q, k, v, scale, causal, causal_offset, window, mask, has_mask, key_bias, has_key_bias):
     n_threads = _config.use_num_threads()
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
     kernel = _fused_kernel()
-    _config.launch(kernel, out, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
-                   mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K, n_threads)
+    _config.launch(kernel, out, lse, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
+                   int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K,
+                   n_threads)
+
+
+def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal, causal_offset, window,
+                       mask, has_mask, key_bias, has_key_bias):
+    n_threads = _config.use_num_threads()
+    mask, mst = _flat(mask)
+    key_bias, kst = _flat(key_bias)
+    _config.launch(_backward.attention_backward, grad_q, grad_k, grad_v, _ro(grad_out), _ro(q), _ro(k), _ro(v),
+                   _ro(out), _ro(lse), out.dtype.type(scale), bool(causal), int(causal_offset), int(window), mask, mst,
+                   bool(has_mask), key_bias, kst, bool(has_key_bias), BACKWARD_BLOCK_Q, BACKWARD_BLOCK_K, n_threads)
+
+
+def softmax_backward(grad_s, grad_p, p):
+    _config.use_num_threads()
+    _config.launch(_stages.softmax_backward, grad_s, _ro(grad_p), _ro(p))
+
+
+def scores_backward(grad_q, grad_k, grad_s, q, k, scale):
+    n_threads = _config.use_num_threads()
+    _config.launch(_stages.scores_backward, grad_q, grad_k, _ro(grad_s), _ro(q), _ro(k), q.dtype.type(scale),
+                   n_threads)
+
+
+def weighted_sum_backward(grad_p, grad_v, grad_out, p, v):
+    n_threads = _config.use_num_threads()
+    _config.launch(_stages.weighted_sum_backward, grad_p, grad_v, _ro(grad_out), _ro(p), _ro(v), n_threads)
+
+
+def gather_backward(grad_table, grad_out, ids):
+    _config.use_num_threads()
+    _config.launch(_embedding.gather_backward, grad_table, _ro(grad_out), _ro(ids))
+
+
+def add_positions_backward(grad_positions, grad_out, offset):
+    _config.use_num_threads()
+    _config.launch(_positions.add_positions_backward, grad_positions, _ro(grad_out), int(offset))
 
 
 def _fused_kernel():
@@ -164,7 +214,18 @@ def warmup(dtypes=("float32", "float64")):
         for mask in masks:
             for bias in biases:
                 s = np.empty((B, H, L, L), dt)
-                scores(s, q, kv, 1.0, True, 0, mask, True, bias, True)
-                attention(np.empty_like(q), q, kv, kv, 1.0, True, 0, mask, True, bias, True)
+                scores(s, q, kv, 1.0, True, 0, 0, mask, True, bias, True)
+                lse = np.empty((B, H, L), dt)
+                attention(np.empty_like(q), lse, q, kv, kv, 1.0, True, 0, 0, mask, True, bias, True)
         softmax(s.reshape(-1, L), s.reshape(-1, L))
         weighted_sum(np.empty_like(q), s, kv)
+        for mask in masks:  # the backward kernels
+            for bias in biases:
+                attention_backward(np.empty_like(q), np.empty_like(kv), np.empty_like(kv), q, q, kv, kv, q, lse, 1.0,
+                                   True, 0, 0, mask, True, bias, True)
+        g = np.empty_like(s)
+        softmax_backward(g.reshape(-1, L), s.reshape(-1, L), s.reshape(-1, L))
+        scores_backward(np.empty_like(q), np.empty_like(kv), s, q, kv, 1.0)
+        weighted_sum_backward(g, np.empty_like(kv), q, s, kv)
+        gather_backward(np.empty_like(table), np.zeros((2 * L, D), dt), ids)
+        add_positions_backward(np.empty_like(pos), x, 0)

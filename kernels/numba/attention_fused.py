@@ -62,8 +62,18 @@ def key_end(i_last, S, causal, causal_offset):
 
 
 @njit(**HELPER)
-def mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias):
-    """Add the masks to the score tile s (tq, tk) of rows i0.. and keys j0..; -inf above the causal diagonal.
+def key_start(i0, causal, causal_offset, window):
+    """The first key the query row ``i0`` may see (0 without a window; the window's lower edge with one). Rows after
+    i0 see no key before it, so key tiles wholly before it are skipped."""
+    if causal and window > 0:
+        return max(i0 + causal_offset - window + 1, 0)
+    return 0
+
+
+@njit(**HELPER)
+def mask_tile(s, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst, has_key_bias):
+    """Add the masks to the score tile s (tq, tk) of rows i0.. and keys j0..; -inf above the causal diagonal and,
+    with a ``window`` W > 0, at keys j <= i + causal_offset - W (the window's lower edge).
 
     ``mask`` / ``key_bias`` arrive flat with their strides in elements (``mst``, ``kst``; zero for a broadcast
     axis): mask[b, h, i, j] is ``mask[b*mst[0] + h*mst[1] + i*mst[2] + j*mst[3]]``.
@@ -74,6 +84,12 @@ def mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_b
         for i in range(tq):
             first_hidden = max(i0 + i + causal_offset + 1 - j0, 0)
             for j in range(first_hidden, tk):
+                s[i, j] = neg_inf
+    if causal and window > 0 and j0 + window <= i0 + tq - 1 + causal_offset:  # the window's lower edge crosses it
+        neg_inf = s.dtype.type(-np.inf)
+        for i in range(tq):
+            n_hidden = min(max(i0 + i + causal_offset - window + 1 - j0, 0), tk)
+            for j in range(n_hidden):
                 s[i, j] = neg_inf
     if has_mask:
         for i in range(tq):
@@ -172,36 +188,64 @@ def start_query_tile(qs, qt, scale, acc, m, l):
 
 
 @njit(**HELPER)
-def store_rows(o, acc):
-    """o = acc (the averages are the outputs; a row that saw no key is still zeros)."""
+def store_rows(o, lse, acc, m, l):
+    """o = acc (the averages are the outputs; a row that saw no key is still zeros), lse = m + log(l) (-inf for a
+    row that saw no key: l = 0)."""
     tq, Ev = o.shape
     for i in range(tq):
         for c in range(Ev):
             o[i, c] = acc[i, c]
+        if l[i] == 0.0:
+            lse[i] = -np.inf
+        else:
+            lse[i] = np.float64(m[i]) + np.log(l[i])
+
+
+@njit(**HELPER)
+def prologue(q, k, v, block_q, block_k, n_threads):
+    """What the three engines share before their ``prange``: the number of query tiles, the huge-V guard
+    (``value_shift``: 2^k_big >= keys per tile, |V| above v_big computes p / 2^k_big) and the per-thread scratch,
+    allocated once: the score / probability tile, the (scaled or transposed) query tile, p·V of one key tile, the
+    float64 output rows, the running max m (+ two scratch rows) and the float64 running sum l, its value before the
+    tile, the rescale factor alpha (+ one scratch row)."""
+    L, E = q.shape[2], q.shape[3]
+    Ev = v.shape[3]
+    dt = q.dtype
+    n_qt = (L + block_q - 1) // block_q
+    k_big = np.ceil(np.log2(max(block_k, DIAG_K)))
+    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)
+    s_buf = np.empty((n_threads, block_q * max(block_k, DIAG_K)), dt)
+    qs_buf = np.empty((n_threads, block_q * E), dt)
+    pv_buf = np.empty((n_threads, block_q * Ev), dt)
+    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)
+    max_buf = np.empty((n_threads, 3, block_q), dt)
+    sum_buf = np.empty((n_threads, 4, block_q), np.float64)
+    return n_qt, k_big, v_big, s_buf, qs_buf, pv_buf, acc_buf, max_buf, sum_buf
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The readable engine: tile products as loops
 # ----------------------------------------------------------------------------------------------------------------
 @njit(**HELPER)
-def work_item(w, n_qt, Hq, g, block_q, L, S, causal, causal_offset):
-    """(b, h, hk, i0, tq, kv_end) of work item w: batch, query head, its key/value head, first query row, rows,
-    one past the last key any of them sees."""
+def work_item(w, n_qt, Hq, g, block_q, L, S, causal, causal_offset, window):
+    """(b, h, hk, i0, tq, kv_start, kv_end) of work item w: batch, query head, its key/value head, first query row,
+    rows, the first key any of them sees and one past the last."""
     bh = w // n_qt
     b = bh // Hq
     h = bh % Hq
     i0 = tile_order(w % n_qt, n_qt, causal) * block_q
     tq = min(block_q, L - i0)
-    return b, h, h // g, i0, tq, key_end(i0 + tq - 1, S, causal, causal_offset)
+    return b, h, h // g, i0, tq, key_start(i0, causal, causal_offset, window), key_end(i0 + tq - 1, S, causal,
+                                                                                         causal_offset)
 
 
 @njit(**HELPER)
-def softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias, m, l,
-                 l_prev, alpha, v_big, k_big):
+def softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst, has_key_bias,
+                 m, l, l_prev, alpha, v_big, k_big):
     """Between the two tile products of the loops and BLAS engines: masks, then the online softmax of the score tile
     s (into p, in place), with p scaled down for a tile of huge values in V; l_prev keeps l from before. Returns the
     factor (2^k) to pass to ``fold_tile``."""
-    mask_tile(s, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias)
+    mask_tile(s, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst, has_key_bias)
     k_shift = value_shift(vt, v_big, k_big)
     for i in range(l.shape[0]):
         l_prev[i] = l[i]
@@ -210,12 +254,12 @@ def softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask
 
 
 @njit(**PARALLEL)
-def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias,
-                    block_q, block_k, n_threads):
+def attention_loops(out, lse, q, k, v, scale, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst,
+                    has_key_bias, block_q, block_k, n_threads):
     """Fused attention with the two tile products written as loops (see the module docstring).
 
-    out (B, Hq, L, Ev), q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev); ``scale`` has the arrays' dtype.
-    ``mask`` and ``key_bias`` come flat with their strides (see ``mask_tile``). ``n_threads`` is
+    out (B, Hq, L, Ev), lse (B, Hq, L), q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev); ``scale`` has the
+    arrays' dtype. ``mask`` and ``key_bias`` come flat with their strides (see ``mask_tile``). ``n_threads`` is
     ``numba.get_num_threads()`` of the caller (calling it in here would make the kernel uncachable).
 
     Per key tile: s = (scale q) ktᵀ, masks, online softmax (p = exp(s - m), running m and l), pv = p vt, and pv
@@ -226,25 +270,18 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
     S = k.shape[2]
     Ev = v.shape[3]
     dt = q.dtype
-    n_qt = (L + block_q - 1) // block_q
-    k_big = np.ceil(np.log2(block_k))  # 2^k_big >= keys per tile
-    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)  # |V| above this: p / 2^k_big (value_shift)
-    # per-thread scratch, allocated once
-    s_buf = np.empty((n_threads, block_q * block_k), dt)  # score / probability tile
-    qs_buf = np.empty((n_threads, block_q * E), dt)  # scaled query tile
-    pv_buf = np.empty((n_threads, block_q * Ev), dt)  # p vt of the current key tile
-    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)  # the output rows, accumulated over key tiles
-    m_buf = np.empty((n_threads, block_q), dt)  # running row max
-    l_buf = np.empty((n_threads, 3, block_q), np.float64)  # running row sum, its value before the tile, rescale
+    n_qt, k_big, v_big, s_buf, qs_buf, pv_buf, acc_buf, max_buf, sum_buf = prologue(q, k, v, block_q, block_k,
+                                                                                    n_threads)
     for w in prange(B * Hq * n_qt):
         tid = numba.get_thread_id()
-        b, h, hk, i0, tq, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal, causal_offset)
+        b, h, hk, i0, tq, kv_start, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal,
+                                                       causal_offset, window)
         qs = qs_buf[tid, :tq * E].reshape((tq, E))
         pv = pv_buf[tid, :tq * Ev].reshape((tq, Ev))
         acc = acc_buf[tid, :tq * Ev].reshape((tq, Ev))
-        m, l, l_prev, alpha = m_buf[tid, :tq], l_buf[tid, 0, :tq], l_buf[tid, 1, :tq], l_buf[tid, 2, :tq]
+        m, l, alpha, l_prev = max_buf[tid, 0, :tq], sum_buf[tid, 0, :tq], sum_buf[tid, 1, :tq], sum_buf[tid, 3, :tq]
         start_query_tile(qs, q[b, h, i0:i0 + tq], scale, acc, m, l)
-        for j0 in range(0, kv_end, block_k):
+        for j0 in range(kv_start, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
             kt = k[b, hk, j0:j0 + tk]  # (tk, E)
             vt = v[b, hk, j0:j0 + tk]  # (tk, Ev)
@@ -255,8 +292,8 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
                     for e in range(E):
                         dot += qs[i, e] * kt[j, e]
                     s[i, j] = dot
-            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
-                                   has_key_bias, m, l, l_prev, alpha, v_big, k_big)
+            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias,
+                                   kst, has_key_bias, m, l, l_prev, alpha, v_big, k_big)
             for i in range(tq):  # weighted sum of this tile: pv = p vt
                 for c in range(Ev):
                     pv[i, c] = 0.0
@@ -265,47 +302,40 @@ def attention_loops(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
                     for c in range(Ev):
                         pv[i, c] += p * vt[j, c]
             fold_tile(acc, pv, l_prev, alpha, l, unshift)
-        store_rows(out[b, h, i0:i0 + tq], acc)
+        store_rows(out[b, h, i0:i0 + tq], lse[b, h, i0:i0 + tq], acc, m, l)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The BLAS engine: tile products through SciPy's BLAS
 # ----------------------------------------------------------------------------------------------------------------
 @njit(**PARALLEL)
-def attention_blas(out, q, k, v, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias,
-                   block_q, block_k, n_threads):
+def attention_blas(out, lse, q, k, v, scale, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst,
+                   has_key_bias, block_q, block_k, n_threads):
     """Fused attention with the tile products as ``np.dot`` (SciPy BLAS, one thread); else as ``attention_loops``."""
     B, Hq, L, E = q.shape
     S = k.shape[2]
     Ev = v.shape[3]
-    dt = q.dtype
-    n_qt = (L + block_q - 1) // block_q
-    k_big = np.ceil(np.log2(block_k))
-    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)
-    s_buf = np.empty((n_threads, block_q * block_k), dt)
-    qs_buf = np.empty((n_threads, block_q * E), dt)
-    pv_buf = np.empty((n_threads, block_q * Ev), dt)
-    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)
-    m_buf = np.empty((n_threads, block_q), dt)
-    l_buf = np.empty((n_threads, 3, block_q), np.float64)
+    n_qt, k_big, v_big, s_buf, qs_buf, pv_buf, acc_buf, max_buf, sum_buf = prologue(q, k, v, block_q, block_k,
+                                                                                    n_threads)
     for w in prange(B * Hq * n_qt):
         tid = numba.get_thread_id()
-        b, h, hk, i0, tq, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal, causal_offset)
+        b, h, hk, i0, tq, kv_start, kv_end = work_item(w, n_qt, Hq, Hq // k.shape[1], block_q, L, S, causal,
+                                                       causal_offset, window)
         qs = qs_buf[tid, :tq * E].reshape((tq, E))
         pv = pv_buf[tid, :tq * Ev].reshape((tq, Ev))
         acc = acc_buf[tid, :tq * Ev].reshape((tq, Ev))
-        m, l, l_prev, alpha = m_buf[tid, :tq], l_buf[tid, 0, :tq], l_buf[tid, 1, :tq], l_buf[tid, 2, :tq]
+        m, l, alpha, l_prev = max_buf[tid, 0, :tq], sum_buf[tid, 0, :tq], sum_buf[tid, 1, :tq], sum_buf[tid, 3, :tq]
         start_query_tile(qs, q[b, h, i0:i0 + tq], scale, acc, m, l)
-        for j0 in range(0, kv_end, block_k):
+        for j0 in range(kv_start, kv_end, block_k):
             tk = min(block_k, kv_end - j0)
             vt = v[b, hk, j0:j0 + tk]  # (tk, Ev)
             s = s_buf[tid, :tq * tk].reshape((tq, tk))
             np.dot(qs, k[b, hk, j0:j0 + tk].T, s)  # scores (BLAS)
-            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
-                                   has_key_bias, m, l, l_prev, alpha, v_big, k_big)
+            unshift = softmax_step(s, vt, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias,
+                                   kst, has_key_bias, m, l, l_prev, alpha, v_big, k_big)
             np.dot(s, vt, pv)  # weighted sum of this tile (BLAS)
             fold_tile(acc, pv, l_prev, alpha, l, unshift)
-        store_rows(out[b, h, i0:i0 + tq], acc)
+        store_rows(out[b, h, i0:i0 + tq], lse[b, h, i0:i0 + tq], acc, m, l)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +346,7 @@ DIAG_ALIGN = 16  # a slice starts its queries at a multiple of this (whole SIMD 
 
 
 @njit(**HELPER)
-def scale_mask_tile_t(st, scale, b, h, i0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
+def scale_mask_tile_t(st, scale, b, h, i0, j0, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst,
                       has_key_bias):
     """Scale the transposed raw score tile st (tk, tq) (st[j, i]: key j0 + j against query i0 + i), add the masks,
     and put -inf above the causal diagonal.
@@ -344,6 +374,12 @@ def scale_mask_tile_t(st, scale, b, h, i0, j0, causal, causal_offset, mask, mst,
         for j in range(tk):
             n_hidden = min(max(j0 + j - causal_offset - i0, 0), tq)  # queries i < n_hidden may not see key j
             for i in range(n_hidden):
+                st[j, i] = neg_inf
+    if causal and window > 0 and j0 + window <= i0 + tq - 1 + causal_offset:  # the window's lower edge crosses it
+        neg_inf = st.dtype.type(-np.inf)
+        for j in range(tk):
+            first_hidden = min(max(j0 + j + window - causal_offset - i0, 0), tq)  # queries i >= this may not see j
+            for i in range(first_hidden, tq):
                 st[j, i] = neg_inf
 
 
@@ -403,8 +439,8 @@ def online_softmax_tile_t(st, m, l, alpha, m_tile, m_sub, l_tile, shift, unshift
 
 
 @njit(**PARALLEL)
-def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias,
-                    block_q, block_k, n_threads):
+def attention_tiled(out, lse, q, k, v, scale, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst,
+                    has_key_bias, block_q, block_k, n_threads):
     """Fused attention with register-blocked tile products (``_gemm.matmul_tile``); same arguments as
     ``attention_loops``.
 
@@ -414,7 +450,8 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
 
     Causal: key tiles that every query of the tile sees go in blocks of ``block_k``; the band of keys that crosses
     the diagonal goes in slices of ``DIAG_K`` keys, each against only the queries that see some of its keys, so
-    little work is spent on scores that are then hidden.
+    little work is spent on scores that are then hidden. A window's lower edge is masked (tiles wholly before it
+    are skipped).
     """
     B, Hq, L, E = q.shape
     Hkv = k.shape[1]
@@ -422,24 +459,11 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
     Ev = v.shape[3]
     g = Hq // Hkv
     dt = q.dtype
-    n_qt = (L + block_q - 1) // block_q
-    k_big = np.ceil(np.log2(max(block_k, DIAG_K)))  # 2^k_big >= keys per tile
-    v_big = np.finfo(dt).max / 2.0 ** (k_big + 1)  # |V| above this: compute p / 2^k_big (online_softmax_tile_t)
-    s_buf = np.empty((n_threads, block_k * block_q), dt)  # transposed score / probability tile
-    qs_buf = np.empty((n_threads, E * block_q), dt)  # q_tileᵀ
-    pv_buf = np.empty((n_threads, block_q * Ev), dt)  # p vt of one key tile
-    acc_buf = np.empty((n_threads, block_q * Ev), np.float64)  # the output rows, accumulated over key tiles
-    max_buf = np.empty((n_threads, 3, block_q), dt)  # running max m; scratch m_tile, m_sub
-    sum_buf = np.empty((n_threads, 4, block_q), np.float64)  # running sum l, its last value, alpha; scratch l_tile
+    n_qt, k_big, v_big, s_buf, qs_buf, pv_buf, acc_buf, max_buf, sum_buf = prologue(q, k, v, block_q, block_k,
+                                                                                    n_threads)
     for w in prange(B * Hq * n_qt):
         tid = numba.get_thread_id()
-        bh = w // n_qt
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // g
-        i0 = tile_order(w % n_qt, n_qt, causal) * block_q
-        tq = min(block_q, L - i0)
-        kv_end = key_end(i0 + tq - 1, S, causal, causal_offset)
+        b, h, hk, i0, tq, kv_start, kv_end = work_item(w, n_qt, Hq, g, block_q, L, S, causal, causal_offset, window)
         qt = q[b, h, i0:i0 + tq]  # (tq, E)
         o = out[b, h, i0:i0 + tq]  # (tq, Ev)
         qst = qs_buf[tid, :E * tq].reshape((E, tq))
@@ -459,7 +483,7 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
         # keys [0, j_band) are seen by every query of the tile: tiles of block_k keys. Keys [j_band, kv_end) form
         # the causal diagonal band: slices of DIAG_K keys, each against only the queries c0.. that see any of them.
         j_band = min(max(i0 + causal_offset + 1, 0), kv_end) if causal else kv_end
-        j0 = 0
+        j0 = kv_start
         while j0 < kv_end:
             if j0 < j_band:
                 tk = min(block_k, j_band - j0)
@@ -472,8 +496,8 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
             vt = v[b, hk, j0:j0 + tk]  # (tk, Ev)
             st = s_buf[tid, :tk * nq].reshape((tk, nq))
             matmul_tile(st, kt, qst[:, c0:], False)  # raw scores, transposed: st = kt qtᵀ
-            scale_mask_tile_t(st, scale, b, h, i0 + c0, j0, causal, causal_offset, mask, mst, has_mask, key_bias, kst,
-                              has_key_bias)
+            scale_mask_tile_t(st, scale, b, h, i0 + c0, j0, causal, causal_offset, window, mask, mst, has_mask,
+                              key_bias, kst, has_key_bias)
             k_shift = value_shift(vt, v_big, k_big)  # huge values: keep p V from overflowing
             for i in range(c0, tq):
                 l_prev[i] = l[i]
@@ -482,4 +506,4 @@ def attention_tiled(out, q, k, v, scale, causal, causal_offset, mask, mst, has_m
             matmul_tile(pv[c0:], st.T, vt, False)  # weighted sum of this tile: pv = p vt
             fold_tile(acc[c0:], pv[c0:], l_prev[c0:], alpha[c0:], l[c0:], 2.0**k_shift)  # the running average
             j0 += tk
-        store_rows(o, acc)  # a query that saw no key (l = 0) gets zeros
+        store_rows(o, lse[b, h, i0:i0 + tq], acc, m, l)  # a query that saw no key (l = 0) gets zeros, lse -inf

@@ -19,8 +19,9 @@ from ._config import PARALLEL
 
 
 @njit(**PARALLEL)
-def scores(out, q, k, scale, causal, causal_offset, mask, mst, has_mask, key_bias, kst, has_key_bias):
-    """out[b, h, i, j] = scale * <q[b, h, i], k[b, h // g, j]> (+ mask) (+ key_bias); -inf where causal hides j.
+def scores(out, q, k, scale, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst, has_key_bias):
+    """out[b, h, i, j] = scale * <q[b, h, i], k[b, h // g, j]> (+ mask) (+ key_bias); -inf where causal hides j
+    (and, with ``window`` W > 0, where j <= i + causal_offset - W).
 
     out (B, Hq, L, S), q (B, Hq, L, E), k (B, Hkv, S, E). ``scale`` has the dtype of the arrays. ``mask`` and
     ``key_bias`` come flat with their strides in elements (zero on a broadcast axis):
@@ -42,9 +43,14 @@ def scores(out, q, k, scale, causal, causal_offset, mask, mst, has_mask, key_bia
         row = out[b, h, i]  # (S,)
         # causal: keys j <= i + causal_offset are visible, the rest are -inf
         n_visible = S
+        first = 0
         if causal:
             n_visible = min(max(i + causal_offset + 1, 0), S)
-        for j in range(n_visible):
+            if window > 0:
+                first = min(max(i + causal_offset - window + 1, 0), n_visible)
+        for j in range(first):
+            row[j] = neg_inf
+        for j in range(first, n_visible):
             acc = zero
             for e in range(E):  # scores: <q_i, k_j>
                 acc += qi[e] * kh[j, e]
@@ -123,3 +129,98 @@ def weighted_sum(out, p, v, n_threads):
         o = out[b, h, i]  # (Ev,)
         for c in range(Ev):
             o[c] = acc[c]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward, stage by stage (the gradients of each stage above; same GQA mapping, K/V never expanded)
+# ----------------------------------------------------------------------------------------------------------------
+@njit(**PARALLEL)
+def softmax_backward(grad_s, grad_p, p):
+    """grad_s = p * (grad_p - rowsum(grad_p * p)), row by row; (R, S) each. The row sum is float64."""
+    R, S = p.shape
+    for r in prange(R):
+        total = 0.0
+        for j in range(S):
+            total += np.float64(grad_p[r, j]) * np.float64(p[r, j])
+        d = p.dtype.type(total)
+        for j in range(S):
+            grad_s[r, j] = p[r, j] * (grad_p[r, j] - d)
+
+
+@njit(**PARALLEL)
+def scores_backward(grad_q, grad_k, grad_s, q, k, scale, n_threads):
+    """grad_q = scale · grad_s @ k; grad_k = scale · (sum over the group's query heads of grad_sᵀ @ q).
+
+    grad_q, q (B, Hq, L, E), grad_k, k (B, Hkv, S, E), grad_s (B, Hq, L, S). Sums in float64 (one row buffer per
+    thread); a key's gradient sums its query heads, then their rows, in increasing order.
+    """
+    B, Hq, L, E = q.shape
+    Hkv = k.shape[1]
+    S = k.shape[2]
+    g = Hq // Hkv
+    acc_buf = np.empty((n_threads, E), np.float64)
+    for r in prange(B * Hq * L):  # grad_q: one query row per iteration
+        acc = acc_buf[numba.get_thread_id()]
+        b = r // (Hq * L)
+        h = (r // L) % Hq
+        i = r % L
+        for e in range(E):
+            acc[e] = 0.0
+        for j in range(S):
+            gs = np.float64(grad_s[b, h, i, j])
+            for e in range(E):
+                acc[e] += gs * k[b, h // g, j, e]
+        for e in range(E):
+            grad_q[b, h, i, e] = acc[e] * scale
+    for r in prange(B * Hkv * S):  # grad_k: one key row per iteration
+        acc = acc_buf[numba.get_thread_id()]
+        b = r // (Hkv * S)
+        hk = (r // S) % Hkv
+        j = r % S
+        for e in range(E):
+            acc[e] = 0.0
+        for h in range(hk * g, hk * g + g):
+            for i in range(L):
+                gs = np.float64(grad_s[b, h, i, j])
+                for e in range(E):
+                    acc[e] += gs * q[b, h, i, e]
+        for e in range(E):
+            grad_k[b, hk, j, e] = acc[e] * scale
+
+
+@njit(**PARALLEL)
+def weighted_sum_backward(grad_p, grad_v, grad_out, p, v, n_threads):
+    """grad_p = grad_out @ vᵀ (B, Hq, L, S); grad_v = sum over the group's query heads of pᵀ @ grad_out.
+
+    grad_out (B, Hq, L, Ev), p (B, Hq, L, S), v, grad_v (B, Hkv, S, Ev). Sums in float64.
+    """
+    B, Hq, L, S = p.shape
+    Hkv = v.shape[1]
+    Ev = v.shape[3]
+    g = Hq // Hkv
+    acc_buf = np.empty((n_threads, Ev), np.float64)
+    for r in prange(B * Hq * L):  # grad_p: one query row per iteration
+        b = r // (Hq * L)
+        h = (r // L) % Hq
+        i = r % L
+        go = grad_out[b, h, i]  # (Ev,)
+        vh = v[b, h // g]  # (S, Ev)
+        for j in range(S):
+            total = 0.0
+            for c in range(Ev):
+                total += np.float64(go[c]) * vh[j, c]
+            grad_p[b, h, i, j] = total
+    for r in prange(B * Hkv * S):  # grad_v: one key row per iteration
+        acc = acc_buf[numba.get_thread_id()]
+        b = r // (Hkv * S)
+        hk = (r // S) % Hkv
+        j = r % S
+        for c in range(Ev):
+            acc[c] = 0.0
+        for h in range(hk * g, hk * g + g):
+            for i in range(L):
+                pij = np.float64(p[b, h, i, j])
+                for c in range(Ev):
+                    acc[c] += pij * grad_out[b, h, i, c]
+        for c in range(Ev):
+            grad_v[b, hk, j, c] = acc[c]

@@ -50,3 +50,23 @@ def rope(out, x, cos, sin, interleaved):
                 o[i + h] = x1 * c[i] + x0 * s[i]
         if d % 2 == 1:  # an odd last feature has no partner: it passes through unrotated
             o[d - 1] = xr[d - 1]
+
+
+@njit(**PARALLEL)
+def add_positions_backward(grad_positions, grad_out, offset):
+    """grad_positions[offset + n] = sum over b of grad_out[b, n] (increasing b); every other row 0.
+
+    grad_positions (P, D), grad_out (B, N, D). One writer per row: bitwise the same for any thread count.
+    """
+    P, D = grad_positions.shape
+    B, N, _ = grad_out.shape
+    for p in prange(P):
+        row = grad_positions[p]  # (D,)
+        for c in range(D):
+            row[c] = 0.0
+        n = p - offset
+        if 0 <= n < N:
+            for b in range(B):
+                src = grad_out[b, n]  # (D,)
+                for c in range(D):
+                    row[c] += src[c]

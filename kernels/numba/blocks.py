@@ -38,6 +38,7 @@ from ._math import fast_exp, maxnum
 # puts a check and a branch into every division, which stops LLVM from vectorising the GELU loops (10x slower).
 KERNEL = {**PARALLEL, "error_model": "numpy"}
 INLINE = {**HELPER, "error_model": "numpy"}
+INLINE_SERIAL = {**HELPER, "error_model": "numpy", "nogil": True}  # a small serial kernel
 
 __all__ = [
     "embedding",
@@ -366,10 +367,11 @@ def warmup(dtypes=("float32", "float64")):
 # ----------------------------------------------------------------------------------------------------------------
 # Backward kernels (training). Contract: the backward section of fastattn/_numpy_blocks.py.
 #
-# Sums over rows (grad_gamma, grad_beta, grad_bias) run in parallel over blocks of COLS columns, each column summed
-# over the rows in increasing order in float64: no races, and bitwise the same for any thread count.
+# Sums over rows (grad_gamma, grad_beta, grad_bias) in two passes: fixed chunks of CHUNK rows, each summed in float64
+# along its rows (parallel over chunks, streaming rows), then the chunks' partial sums added in chunk order
+# (parallel over columns). The chunks do not depend on the thread count, so neither do the results (bitwise).
 # ----------------------------------------------------------------------------------------------------------------
-COLS = 32  # columns per task of the column sums (a few cache lines of each row)
+CHUNK = 64  # rows per partial sum
 
 
 @njit(**INLINE)
@@ -392,43 +394,45 @@ def gelu_tanh_grad_scalar(y):
 
 
 @njit(**KERNEL)
-def _row_stats(stats, x, eps):
-    """stats[r] = (mean, 1 / sqrt(var + eps)) of each row of x, in float64 (two-pass variance)."""
+def _layer_norm_param_partials(stats, part_g, part_b, grad_out, x, eps):
+    """Per chunk c of rows: each row's (mean, 1/std) into stats (float64, two-pass variance), and
+    part_g[c] = Σ over the chunk's rows of grad_out x̂, part_b[c] = Σ of grad_out (float64, rows in order)."""
     R, D = x.shape
-    for r in prange(R):
-        xr = x[r]
-        total = 0.0
-        for j in range(D):
-            total += xr[j]
-        mean = total / D
-        sq = 0.0
-        for j in range(D):
-            c = xr[j] - mean
-            sq += c * c
-        stats[r, 0] = mean
-        stats[r, 1] = 1.0 / math.sqrt(sq / D + eps)
+    for c in prange(part_g.shape[0]):
+        acc_g = part_g[c]
+        acc_b = part_b[c]
+        acc_g[:] = 0.0
+        acc_b[:] = 0.0
+        for r in range(c * CHUNK, min((c + 1) * CHUNK, R)):
+            xr = x[r]
+            go = grad_out[r]
+            total = 0.0
+            for j in range(D):
+                total += xr[j]
+            mean = total / D
+            sq = 0.0
+            for j in range(D):
+                d = xr[j] - mean
+                sq += d * d
+            rstd = 1.0 / math.sqrt(sq / D + eps)
+            stats[r, 0] = mean
+            stats[r, 1] = rstd
+            for j in range(D):
+                g = np.float64(go[j])
+                acc_g[j] += g * ((xr[j] - mean) * rstd)
+                acc_b[j] += g
 
 
-@njit(**KERNEL)
-def _layer_norm_param_grads(grad_gamma, grad_beta, grad_out, x, stats):
-    """grad_gamma = Σ_r grad_out x̂, grad_beta = Σ_r grad_out, over rows in order; parallel over column blocks."""
-    R, D = x.shape
-    nblocks = (D + COLS - 1) // COLS
-    for blk in prange(nblocks):
-        lo = blk * COLS
-        hi = min(lo + COLS, D)
-        acc_g = np.zeros(COLS, np.float64)
-        acc_b = np.zeros(COLS, np.float64)
-        for r in range(R):
-            mean = stats[r, 0]
-            rstd = stats[r, 1]
-            for c in range(lo, hi):
-                g = grad_out[r, c]
-                acc_g[c - lo] += g * ((x[r, c] - mean) * rstd)
-                acc_b[c - lo] += g
-        for c in range(lo, hi):
-            grad_gamma[c] = acc_g[c - lo]
-            grad_beta[c] = acc_b[c - lo]
+@njit(**INLINE_SERIAL)
+def _sum_partials(out, part):
+    """out[j] = Σ_c part[c, j] in chunk order (serial: a few dozen rows of partial sums)."""
+    n, D = part.shape
+    acc = np.zeros(D, np.float64)
+    for c in range(n):
+        for j in range(D):
+            acc[j] += part[c, j]
+    for j in range(D):
+        out[j] = acc[j]
 
 
 @njit(**KERNEL)
@@ -464,43 +468,49 @@ def _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, has
 
 
 @njit(**KERNEL)
-def _bias_backward(grad_bias, grad_out):
-    """grad_bias[c] = Σ_r grad_out[r, c] in row order (float64); parallel over column blocks."""
+def _bias_partials(part, grad_out):
+    """part[c] = Σ over chunk c's rows of grad_out (float64, rows in order)."""
     R, D = grad_out.shape
-    nblocks = (D + COLS - 1) // COLS
-    for blk in prange(nblocks):
-        lo = blk * COLS
-        hi = min(lo + COLS, D)
-        acc = np.zeros(COLS, np.float64)
-        for r in range(R):
-            for c in range(lo, hi):
-                acc[c - lo] += grad_out[r, c]
-        for c in range(lo, hi):
-            grad_bias[c] = acc[c - lo]
+    for c in prange(part.shape[0]):
+        acc = part[c]
+        acc[:] = 0.0
+        for r in range(c * CHUNK, min((c + 1) * CHUNK, R)):
+            go = grad_out[r]
+            for j in range(D):
+                acc[j] += go[j]
 
 
-@njit(**KERNEL)
-def _gelu_backward(grad_x, grad_out, x, bias, has_bias, tanh_form):
-    """grad_x = grad_out * gelu'(x + bias), erf or tanh form; grad_x may be grad_out."""
-    R, D = x.shape
-    for r in prange(R):
-        gx = grad_x[r]
-        go = grad_out[r]
-        xr = x[r]
-        if tanh_form:
-            if has_bias:
+def _make_gelu_backward(grad_scalar, with_bias):
+    """A kernel grad_x = grad_out * gelu'(x (+ bias)) for one form: one loop body each, so that LLVM vectorises it."""
+    if with_bias:
+
+        def kernel(grad_x, grad_out, x, bias):
+            R, D = x.shape
+            for r in prange(R):
+                gx = grad_x[r]
+                go = grad_out[r]
+                xr = x[r]
                 for c in range(D):
-                    gx[c] = go[c] * gelu_tanh_grad_scalar(xr[c] + bias[c])
-            else:
+                    gx[c] = go[c] * grad_scalar(xr[c] + bias[c])
+
+    else:
+
+        def kernel(grad_x, grad_out, x):
+            R, D = x.shape
+            for r in prange(R):
+                gx = grad_x[r]
+                go = grad_out[r]
+                xr = x[r]
                 for c in range(D):
-                    gx[c] = go[c] * gelu_tanh_grad_scalar(xr[c])
-        else:
-            if has_bias:
-                for c in range(D):
-                    gx[c] = go[c] * gelu_grad_scalar(xr[c] + bias[c])
-            else:
-                for c in range(D):
-                    gx[c] = go[c] * gelu_grad_scalar(xr[c])
+                    gx[c] = go[c] * grad_scalar(xr[c])
+
+    return njit(**KERNEL)(kernel)
+
+
+_gelu_backward = _make_gelu_backward(gelu_grad_scalar, False)
+_gelu_tanh_backward = _make_gelu_backward(gelu_tanh_grad_scalar, False)
+_bias_gelu_backward = _make_gelu_backward(gelu_grad_scalar, True)
+_bias_gelu_tanh_backward = _make_gelu_backward(gelu_tanh_grad_scalar, True)
 
 
 @njit(**KERNEL)
@@ -565,31 +575,41 @@ def _cross_entropy(loss, grad_logits, logits, labels, scale):
         g[label] -= z.dtype.type(scale)
 
 
+def _chunks(R: int) -> int:
+    return max(1, (R + CHUNK - 1) // CHUNK)
+
+
 def layer_norm_backward(grad_x, grad_gamma, grad_beta, grad_out, x, gamma, eps, grad_residual, has_residual):
-    stats = np.empty((x.shape[0], 2), np.float64)  # (R, 2): mean, 1/std
-    _row_stats(stats, x, float(eps))
-    _layer_norm_param_grads(grad_gamma, grad_beta, grad_out, x, stats)  # first: grad_x may overwrite grad_out
+    R, D = x.shape
+    stats = np.empty((R, 2), np.float64)  # (R, 2): mean, 1/std
+    part_g = np.empty((_chunks(R), D), np.float64)  # first: grad_x may overwrite grad_out
+    part_b = np.empty((_chunks(R), D), np.float64)
+    _layer_norm_param_partials(stats, part_g, part_b, grad_out, x, float(eps))
+    _sum_partials(grad_gamma, part_g)
+    _sum_partials(grad_beta, part_b)
     _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, bool(has_residual))
 
 
 def gelu_backward(grad_x, grad_out, x):
-    _gelu_backward(grad_x, grad_out, x, x[0, :0] if x.size else x.reshape(-1), False, False)
+    _gelu_backward(grad_x, grad_out, x)
 
 
 def gelu_tanh_backward(grad_x, grad_out, x):
-    _gelu_backward(grad_x, grad_out, x, x[0, :0] if x.size else x.reshape(-1), False, True)
+    _gelu_tanh_backward(grad_x, grad_out, x)
 
 
 def bias_gelu_backward(grad_x, grad_out, x, bias):
-    _gelu_backward(grad_x, grad_out, x, bias, True, False)
+    _bias_gelu_backward(grad_x, grad_out, x, bias)
 
 
 def bias_gelu_tanh_backward(grad_x, grad_out, x, bias):
-    _gelu_backward(grad_x, grad_out, x, bias, True, True)
+    _bias_gelu_tanh_backward(grad_x, grad_out, x, bias)
 
 
 def bias_backward(grad_bias, grad_out):
-    _bias_backward(grad_bias, grad_out)
+    part = np.empty((_chunks(grad_out.shape[0]), grad_out.shape[1]), np.float64)
+    _bias_partials(part, grad_out)
+    _sum_partials(grad_bias, part)
 
 
 def linear_backward(grad_x, grad_w, grad_out, x, w):

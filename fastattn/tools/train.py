@@ -1,7 +1,8 @@
 """``python -m fastattn train``: train a small byte- or character-level GPT from scratch, on fastattn's kernels.
 
 With no ``--data`` it reads the source files of Python's own standard library (every installation has them: no
-download). The text is split 90 / 10 into training and held-out parts; each step draws ``--batch`` windows of
+download). The text is split 90 / 10 into training and held-out parts (every tenth block of 64 Ki tokens is held
+out); each step draws ``--batch`` windows of
 ``--seq-len`` tokens from the training part (from a generator seeded with ``(seed, step)``, so that a resumed
 run draws exactly the batches an uninterrupted one would), takes one AdamW step with gradient clipping and a
 warm-up + cosine schedule, and prints the progress. The held-out loss is measured every ``--eval-every`` steps on
@@ -51,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=128, help="hidden size n_embd (default 128)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
-    parser.add_argument("--batch", type=int, default=16, help="windows per step (default 16)")
-    parser.add_argument("--steps", type=int, default=250, help="total optimizer steps of the run (default 250)")
+    parser.add_argument("--batch", type=int, default=8, help="windows per step (default 8)")
+    parser.add_argument("--steps", type=int, default=200, help="total optimizer steps of the run (default 200)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of --steps)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
@@ -137,6 +138,19 @@ def load_data(path: str | None, kind: str, codec: Codec | None = None) -> tuple[
         chars = "".join(sorted(set(raw.decode("utf-8", errors="replace")))) if kind == "char" else None
         codec = Codec(kind, chars)
     return codec.encode(raw), codec, source
+
+
+def split_tokens(tokens: np.ndarray, block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """90% / 10%: every tenth block of ``block`` tokens is held out (so both parts sample the whole text, not its
+    first and last files); a text of fewer than ten blocks is split at 90% of its length."""
+    n_blocks = len(tokens) // block
+    if n_blocks < 10:
+        cut = int(len(tokens) * 0.9)
+        return tokens[:cut], tokens[cut:]
+    held = np.zeros(len(tokens), bool)
+    for i in range(9, n_blocks, 10):
+        held[i * block : (i + 1) * block] = True
+    return tokens[~held], tokens[held]
 
 
 def batch_at(tokens: np.ndarray, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:
@@ -311,8 +325,7 @@ def run(args) -> int:
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 5)
     state["args"] = {name: getattr(args, name) for name in RUN_OPTIONS}
-    split = int(len(tokens) * 0.9)
-    train_tokens, eval_tokens = tokens[:split], tokens[split:]
+    train_tokens, eval_tokens = split_tokens(tokens)
     if len(eval_tokens) < args.seq_len + 2 or len(train_tokens) < args.seq_len + 2:
         raise SystemExit(f"train: the text ({len(tokens)} tokens) is too short for --seq-len {args.seq_len}")
     cfg = model.config

@@ -391,3 +391,24 @@ def test_default_text_needs_no_download():
 
     text = train.default_text()
     assert len(text) > 100_000 and b"def " in text
+
+
+@needs_backward
+def test_untied_lm_head_gets_its_own_gradient(tmp_path):
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=WIDTH, n_layer=1, n_head=HEADS,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  tie_word_embeddings=False)  # fmt: skip
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    ids, labels, mask = batch(True)
+    want_loss, want = hf_loss_and_grads(hf_model(tmp_path), ids, labels, mask)
+    model = fastattn.models.load(tmp_path, backend=TRAIN_BACKENDS[0], dtype=np.float64)
+    loss, grads = model.loss_and_grads(ids, labels, attention_mask=mask)
+    assert "lm_head.weight" in grads and set(grads) == set(want)
+    assert abs(loss - want_loss) <= 1e-9 * want_loss
+    for name, g in want.items():
+        assert np.linalg.norm(grads[name] - g) <= 1e-9 * np.linalg.norm(g), name
+    params = model.parameters()
+    before = model(ids[:1]).logits.copy()
+    params["lm_head.weight"][3] *= 2.0  # live: the forward's head is a view of it
+    assert not np.allclose(model(ids[:1]).logits[..., 3], before[..., 3])

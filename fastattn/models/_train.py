@@ -292,16 +292,21 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
         total = 0.0
         scale = 1.0 / count
         row_loss = np.empty(min(rows, T), dt)
+        tile = np.empty((min(rows, T), Vn), dt)  # the logits of a tile of rows, then (in place) their gradient
+        product = np.empty((Vn, D) if grad_head is None else (D, Vn), dt)  # one tile's share of the head's gradient
         for start in range(0, T, rows):
             stop = min(start + rows, T)
-            logits = a[start:stop] @ head  # (R, V)
+            logits = tile[: stop - start]
+            np.matmul(a[start:stop], head, out=logits)  # (R, V)
             blk.cross_entropy(row_loss[: stop - start], logits, logits, flat_labels[start:stop], scale)
             total += float(np.sum(row_loss[: stop - start], dtype=np.float64))
             np.matmul(logits, head.T, out=grad_a[start:stop])  # (R, D)
             if grad_head is None:
-                grad_wte += logits.T @ a[start:stop]  # (V, D)
+                np.matmul(logits.T, a[start:stop], out=product)  # (V, D)
+                grad_wte += product
             else:
-                grad_head += a[start:stop].T @ logits  # (D, V)
+                np.matmul(a[start:stop].T, logits, out=product)  # (D, V)
+                grad_head += product
         loss = total / count
         if grad_head is not None:
             grads["lm_head.weight"][...] = grad_head.T

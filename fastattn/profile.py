@@ -13,6 +13,14 @@ it (the backend's raw kernels on the same arrays; projections as NumPy ``x @ w``
     head merge     transpose+reshape (B, H, N, d) -> (B, N, H·d)                   GB/s
     out proj       x @ w_o (NumPy)   (B, N, H·d) @ (H·d, D)                        GFLOP/s
 
+The backward of the attention is profiled the same way, from the forward's saved arrays (the score matrix and its
+softmax, or the fused forward's output and log-sum-exp), on the backends that have the backward kernels:
+
+    weighted sum backward  weighted_sum_backward  dP = dO Vᵀ, dV = Pᵀ dO                  GFLOP/s
+    softmax backward       softmax_backward       dS = P ∘ (dP − rowsum(dP ∘ P))          GB/s
+    scores backward        scores_backward        dQ = scale dS K, dK = scale dSᵀ Q       GFLOP/s
+    fused backward         attention_backward     all three from out and lse, O(N) memory GFLOP/s (2.5x forward)
+
 Each round runs the pipeline once with a clock read between stages (the per-stage times) and once without (the
 measured total); the sum of the per-stage medians should come within ``--margin`` (default 15%) of the median total
 (``within_margin``). On a busy machine a run of the whole pipeline is more often interrupted than a single stage,
@@ -44,7 +52,10 @@ list with one entry per backend:
 - ``alternatives``: each {``name`` (fused_attention, embed_positions, forward), ``kernel``, ``replaces`` (stage
   names), ``median_s``, ``p25_s``, ``p75_s``, ``first_call_s``, ``replaced_s`` (median time of what it replaces),
   ``speedup``, ``flop``, ``bytes``, ``gflops``, ``gbps``};
-- ``fused_pipeline_estimate_s``: the measured total with both fused kernels in place of what they replace.
+- ``fused_pipeline_estimate_s``: the measured total with both fused kernels in place of what they replace;
+- ``backward``: null with ``backward_reason`` when the backend has no backward kernels, else {``stages`` (as the
+  forward's: weighted_sum_backward, softmax_backward, scores_backward), ``stage_sum_s``, ``fused`` (as an
+  alternative: name ``fused_attention_backward``, kernel ``attention_backward``, ``replaces`` the three stages)}.
 """
 
 from __future__ import annotations
@@ -73,6 +84,13 @@ STAGES = (
     ("head_merge", "transpose+reshape"),
     ("out_proj", "x @ w_o"),
 )
+#: Backward stages of the attention, in the order they run.
+BACKWARD_STAGES = (
+    ("weighted_sum_backward", "weighted_sum_backward"),
+    ("softmax_backward", "softmax_backward"),
+    ("scores_backward", "scores_backward"),
+)
+BACKWARD_KERNELS = ("attention_backward", "softmax_backward", "scores_backward", "weighted_sum_backward")
 #: (alternative, kernel, the stages it replaces). ``forward`` replaces the whole pipeline.
 ALTERNATIVES = (
     ("fused_attention", "attention", ("scores", "softmax", "weighted_sum")),
@@ -386,6 +404,8 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
         max(0.0, alt_first[a] - steady[a]) for a in alt_first
     )
     deviation = stage_sum / total.median - 1.0
+    missing = [k for k in BACKWARD_KERNELS if not hasattr(kern, k)]
+    backward = None if missing else _profile_backward(kern, pipe, st, repeats)
     return {
         "backend": name,
         "status": "ok",
@@ -406,6 +426,97 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
         "within_margin": abs(deviation) <= margin,
         "alternatives": alternatives,
         "fused_pipeline_estimate_s": fused_estimate,
+        "backward": backward,
+        "backward_reason": f"no backward kernels ({', '.join(missing)}) in this build" if missing else None,
+    }
+
+
+def _profile_backward(kern, pipe, st, repeats: int) -> dict:
+    """The attention backward stage by stage and fused, from the forward state ``st`` of the pipeline."""
+    import math
+
+    import numpy as np
+
+    from . import _timing
+
+    clock = _timing.clock
+    B, N, _, H, d = pipe.shape
+    q, k, v = st.q, st.k, st.v
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(d)
+    causal = pipe.causal
+    no_mask = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=dt), (B, H, N, N))
+    no_bias = np.broadcast_to(np.zeros((1, 1), dtype=dt), (B, N))
+    s = np.empty((B, H, N, N), dt)  # the forward's saved arrays (made outside the timer)
+    kern.scores(s, q, k, scale, causal, 0, 0, no_mask, False, no_bias, False)
+    p = np.empty_like(s)
+    kern.softmax(p.reshape(-1, N), s.reshape(-1, N))
+    out, lse = np.empty((B, H, N, d), dt), np.empty((B, H, N), dt)
+    kern.attention(out, lse, q, k, v, scale, causal, 0, 0, no_mask, False, no_bias, False)
+    grad_out = np.random.default_rng(0).standard_normal(out.shape).astype(dt)
+    grad_p, grad_s = np.empty_like(s), s  # dS overwrites the scores, which are no longer needed
+    gq, gk, gv = (np.empty_like(q) for _ in range(3))
+    steps = {
+        "weighted_sum_backward": lambda: kern.weighted_sum_backward(grad_p, gv, grad_out, p, v),
+        "softmax_backward": lambda: kern.softmax_backward(
+            grad_s.reshape(-1, N), grad_p.reshape(-1, N), p.reshape(-1, N)
+        ),  # fmt: skip
+        "scores_backward": lambda: kern.scores_backward(gq, gk, grad_s, q, k, scale),
+    }
+
+    def fused():
+        kern.attention_backward(gq, gk, gv, grad_out, q, k, v, out, lse, scale, causal, 0, 0, no_mask, False,
+                                no_bias, False)  # fmt: skip
+
+    def timed(fn):
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    first = {name: timed(fn) for name, fn in steps.items()}
+    fused_first = timed(fused)
+    samples = {name: [] for name in steps}
+    fused_samples = []
+    for r in range(repeats):  # interleaved: the stages, then the fused kernel (the order swapped each round)
+        order = ["stages", "fused"] if r % 2 == 0 else ["fused", "stages"]
+        for what in order:
+            if what == "fused":
+                fused_samples.append(timed(fused))
+            else:
+                for name, fn in steps.items():
+                    samples[name].append(timed(fn))
+    attn = 2.0 * B * H * N * N * d * (0.5 if causal else 1.0)  # one N x N x d product
+    work = {
+        "weighted_sum_backward": (2 * attn, None),
+        "softmax_backward": (None, 3.0 * B * H * N * N * dt.itemsize),
+        "scores_backward": (2 * attn, None),
+        "fused_attention_backward": (2.5 * 2 * attn, None),
+    }
+    stats = {name: _timing.summarise(v) for name, v in samples.items()}
+    stage_sum = sum(x.median for x in stats.values())
+    stages = []
+    for stage, kernel in BACKWARD_STAGES:
+        x = stats[stage]
+        share = x.median / stage_sum if stage_sum else None
+        stages.append({"stage": stage, "kernel": kernel, "median_s": x.median, "p25_s": x.p25, "p75_s": x.p75,
+                       "min_s": x.min, "first_call_s": first[stage], "share": share,
+                       **_rates(work[stage], x.median)})  # fmt: skip
+    f = _timing.summarise(fused_samples)
+    return {
+        "stages": stages,
+        "stage_sum_s": stage_sum,
+        "fused": {
+            "name": "fused_attention_backward",
+            "kernel": "attention_backward",
+            "replaces": [n for n, _ in BACKWARD_STAGES],
+            "median_s": f.median,
+            "p25_s": f.p25,
+            "p75_s": f.p75,
+            "first_call_s": fused_first,
+            "replaced_s": stage_sum,
+            "speedup": stage_sum / f.median if f.median else None,
+            **_rates(work["fused_attention_backward"], f.median),
+        },  # fmt: skip
     }
 
 
@@ -461,6 +572,22 @@ def format_report(doc: dict) -> str:
             )
         lines.append(
             f"  {'pipeline with both fused kernels, estimated':<39}  {format_seconds(b['fused_pipeline_estimate_s'])}"
+        )
+        bw = b.get("backward")
+        if bw is None:
+            lines.append(f"  backward: skipped: {b.get('backward_reason')}")
+            continue
+        lines.append("  backward of the attention, from the forward's saved arrays:")
+        for s in bw["stages"]:
+            lines.append(
+                f"  {s['stage']:<16} {s['kernel']:<22} {format_seconds(s['median_s']):>10} "
+                f"{100 * s['share']:>6.1f}% {rate(s):>14} {format_seconds(s['first_call_s']):>11}"
+            )
+        lines.append(f"  {'sum of backward stages':<39} {format_seconds(bw['stage_sum_s']):>10} {100.0:>6.1f}%")
+        a = bw["fused"]
+        lines.append(
+            f"  {'fused backward':<16} {a['kernel']:<22} {format_seconds(a['median_s']):>10} {'':>7} {rate(a):>14} "
+            f"{format_seconds(a['first_call_s']):>11}  instead of the three ({a['speedup']:.2f}x)"
         )
     return "\n".join(lines)
 

@@ -314,6 +314,7 @@ SUITES = [
     "bench_positions.py",
     "bench_attention_stages.py",
     "bench_attention_fused.py",
+    "bench_attention_backward.py",
     "bench_self_attention.py",
     "bench_forward.py",
 ]
@@ -366,3 +367,20 @@ def test_a_saved_run_groups_backends_by_shape_and_carries_rates(tmp_path):
     for info in rows.values():
         assert info["gflops"] > 0 and info["flop"] == 4 * 16 * 16 * 8 * 2 / 2
         assert info["vs_baseline"] > 0 and info["first_call_s"] > 0
+
+
+def test_the_attention_backward_family_times_the_fused_backward_against_torch(tmp_path):
+    """``--families attention_backward``: each compiled backend's fused backward, and PyTorch's when installed."""
+    path = tmp_path / "bw.json"
+    run_cli("bench", *TINY, "--families", "attention_backward", "--no-plot", "--json", str(path), cwd=tmp_path)
+    doc = json.loads(path.read_text())
+    recs = doc["results"]
+    assert recs and {r["family"] for r in recs} == {"attention_backward"}
+    names = {r["contender"] for r in recs}
+    if "numba" in fastattn.available_backends():
+        assert "numba fused backward" in names
+    for r in recs:
+        assert r["check"] is None, r  # each agrees with the first contender's grad_query
+        assert r["gflops"] > 0 and r["flop"] == pytest.approx(
+            2.5 * 4 * r["seq_len"] ** 2 * 8 * 2 / (2 if r["causal"] else 1)
+        )

@@ -2,8 +2,8 @@
 
 Peak memory is measured in a fresh subprocess (Linux: the kernel's peak-RSS counter, reset just before the call) at
 N = 16384 tokens, where one N x N float32 score matrix would be 1 GiB: the call may add only a few MiB beyond its
-inputs and output. The compiled backends only: the numpy backend is the literal oracle and builds the N x N matrix
-on purpose.
+inputs and output (the backward, at most 64 MiB beyond its inputs and gradients). The compiled backends only: the
+numpy backend is the literal oracle and builds the N x N matrix on purpose.
 
 64-bit indices: a fused call over L = S = 2^16 + 1 (L·S > 2^32) whose broadcast mask and key bias are read at row
 ~65536, column ~0..3: a flat index ``i * S + j`` computed in 32 bits would wrap there. A causal offset of -(L - 3)
@@ -20,7 +20,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import COMPILED
+from conftest import BACKWARD_BACKENDS, COMPILED
 
 from fastattn import _backends
 
@@ -95,6 +95,52 @@ def test_fused_attention_memory_grows_with_n_not_n_squared(backend_, tmp_path):
     env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
     proc = subprocess.run(
         [sys.executable, str(script), backend_, str(N)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, by_n in result.items():
+        grew = {int(n): b / MIB for n, b in by_n.items()}
+        assert grew[N] <= LIMIT_MIB, f"{name}: the peak RSS grew by {grew[N]:.1f} MiB at N={N} ({grew})"
+
+
+BACKWARD_PEAK_SCRIPT = (
+    PEAK_SCRIPT.split("    rng = np.random")[0]
+    + """
+    rng = np.random.default_rng(0)
+    sdpa = fastattn.scaled_dot_product_attention
+    sdpa_backward = fastattn.scaled_dot_product_attention_backward
+    cases = {
+        "causal-gqa": lambda n: [rng.standard_normal((1, h, n, 64)).astype(np.float32) for h in (2, 1, 1)],
+        "key-mask": lambda n: [rng.standard_normal((1, 1, n, 64)).astype(np.float32) for _ in range(3)],
+    }
+    result = {}
+    for name, make in cases.items():
+        kw = dict(is_causal=True, enable_gqa=True) if name == "causal-gqa" else {}
+        def run(n, make=make, kw=kw, name=name):
+            q, k, v = make(n)
+            mask = (np.arange(n) % 7 != 3)[None, :] if name == "key-mask" else None
+            out, lse = sdpa(q, k, v, mask, return_lse=True, backend=backend, **kw)
+            grad = np.ones_like(out)
+            grads = []
+            grew = peak_during(lambda: grads.extend(sdpa_backward(grad, q, k, v, out, lse, mask, backend=backend,
+                                                                  **kw)))
+            assert all(np.all(np.isfinite(g)) for g in grads)
+            return grew - sum(g.nbytes for g in grads)  # the gradients themselves are expected
+        run(100)  # compile (or load) the kernels first
+        result[name] = {n: run(n) for n in (N // 4, N)}
+    print(json.dumps(result))
+"""
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc (Linux only)")
+@pytest.mark.parametrize("backend_", [b for b in BACKWARD_BACKENDS if b != "numpy"])
+def test_fused_attention_backward_memory_grows_with_n_not_n_squared(backend_, tmp_path):
+    script = tmp_path / "peak_backward.py"
+    script.write_text(textwrap.dedent(BACKWARD_PEAK_SCRIPT))
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, str(script), backend_, str(N)], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

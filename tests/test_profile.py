@@ -61,6 +61,8 @@ BACKEND_FIELDS = {
     "within_margin",
     "alternatives",
     "fused_pipeline_estimate_s",
+    "backward",
+    "backward_reason",
 }
 #: The test's bound on |sum of stage times / measured total - 1| at these small sizes, on a machine that may be busy:
 #: looser than the documented 15% margin, tight enough to catch a stage counted twice or lost (each is 2-30% here).
@@ -136,6 +138,15 @@ def test_json_has_the_documented_fields_and_the_stages_add_up():
         assert alts["fused_attention"]["replaces"] == ["scores", "softmax", "weighted_sum"]
         assert alts["fused_attention"]["gflops"] > 0 and alts["embed_positions"]["gbps"] > 0
         assert alts["forward"]["replaced_s"] == b["total_s"]
+        bw = b["backward"]  # the backward of the attention, on the backends that have its kernels
+        if hasattr(_backends.kernels(b["backend"]), "attention_backward"):
+            assert [s["stage"] for s in bw["stages"]] == [n for n, _ in profile.BACKWARD_STAGES]
+            for s in bw["stages"]:
+                assert STAGE_FIELDS <= set(s) and s["median_s"] > 0
+            assert bw["fused"]["kernel"] == "attention_backward" and bw["fused"]["gflops"] > 0
+            assert bw["stage_sum_s"] == pytest.approx(sum(s["median_s"] for s in bw["stages"]))
+        else:
+            assert bw is None and "no backward kernels" in b["backward_reason"]
     scores = next(s for s in ok[0]["stages"] if s["stage"] == "scores")
     assert scores["flop"] == 2 * 2 * 4 * 96 * 96 * 24 / 2  # causal: half of 2·B·H·N²·d
     q_proj = next(s for s in ok[0]["stages"] if s["stage"] == "q_proj")
@@ -145,7 +156,8 @@ def test_json_has_the_documented_fields_and_the_stages_add_up():
 def test_the_table_names_every_stage_and_the_margin(capsys):
     assert profile.run(parse([*SMALL, "--backends", "numpy", "--repeats", "3", "--mask", "full"])) == 0
     text = capsys.readouterr().out
-    for word in STAGE_NAMES + ["sum of stages", "measured pipeline", "15% margin", "fused_attention", "forward"]:
+    for word in STAGE_NAMES + ["sum of stages", "measured pipeline", "15% margin", "fused_attention", "forward",
+                               "softmax_backward", "fused backward"]:  # fmt: skip
         assert word in text
     assert "full" in text.splitlines()[0]
 

@@ -14,6 +14,7 @@ covers contiguous arrays and broadcast views alike) and picks the fused engine. 
     attention_stages.py  scores, softmax, weighted_sum          (stage by stage, profilable one at a time)
                          and their backward kernels (softmax_backward, scores_backward, weighted_sum_backward)
     attention_fused.py   attention_tiled (default), attention_blas, attention_loops   (flash style, O(N) memory)
+                         attention_decode (L == 1: the keys split across threads, merged by log-sum-exp)
     attention_backward.py  attention_backward                   (flash style, P recomputed from lse)
     _gemm.py             the register-blocked tile product of attention_tiled
     _math.py             vectorisable exp, NaN-ignoring max
@@ -57,6 +58,12 @@ __all__ = [
 #: Tile sizes of the fused kernel (query rows x keys). Results do not depend on them beyond rounding.
 BLOCK_Q = 192
 BLOCK_K = 384
+
+#: Decoding (L == 1): with fewer than DECODE_MAX_ROWS (batch, head) rows and more than DECODE_PART keys, the keys are
+#: cut into parts of DECODE_PART keys, computed in parallel and merged by log-sum-exp (``attention_decode``). A rule of
+#: shapes only, so that the thread count never changes the results.
+DECODE_PART = 1024
+DECODE_MAX_ROWS = 64
 
 #: Tile sizes of the fused backward (query rows x keys): multiples of the micro-kernel's rows and vector width.
 BACKWARD_BLOCK_Q = 96
@@ -136,6 +143,12 @@ def attention(out, lse, q, k, v, scale, causal, causal_offset, window, mask, has
     n_threads = _config.use_num_threads()
     mask, mst = _flat(mask)
     key_bias, kst = _flat(key_bias)
+    B, Hq, L = q.shape[:3]
+    if L == 1 and k.shape[2] > DECODE_PART and B * Hq < DECODE_MAX_ROWS:
+        _config.launch(_fused.attention_decode, out, lse, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal),
+                       int(causal_offset), int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias),
+                       DECODE_PART, n_threads)
+        return
     kernel = _fused_kernel()
     _config.launch(kernel, out, lse, _ro(q), _ro(k), _ro(v), out.dtype.type(scale), bool(causal), int(causal_offset),
                    int(window), mask, mst, bool(has_mask), key_bias, kst, bool(has_key_bias), BLOCK_Q, BLOCK_K,
@@ -219,6 +232,12 @@ def warmup(dtypes=("float32", "float64")):
                 attention(np.empty_like(q), lse, q, kv, kv, 1.0, True, 0, 0, mask, True, bias, True)
         softmax(s.reshape(-1, L), s.reshape(-1, L))
         weighted_sum(np.empty_like(q), s, kv)
+        n1 = DECODE_PART + 1  # decoding over many keys: the split-keys kernel
+        q1, kv1 = np.zeros((B, H, 1, E), dt), np.zeros((B, 1, n1, E), dt)
+        for mask in (np.broadcast_to(np.zeros((1, 1, 1, 1), dt), (B, H, 1, n1)), np.zeros((B, H, 1, n1), dt)):
+            for bias in (np.broadcast_to(np.zeros((1, 1), dt), (B, n1)), np.zeros((B, n1), dt)):
+                attention(np.empty_like(q1), np.empty((B, H, 1), dt), q1, kv1, kv1, 1.0, True, DECODE_PART, 0, mask,
+                          True, bias, True)  # fmt: skip
         for mask in masks:  # the backward kernels
             for bias in biases:
                 attention_backward(np.empty_like(q), np.empty_like(kv), np.empty_like(kv), q, q, kv, kv, q, lse, 1.0,

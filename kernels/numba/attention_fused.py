@@ -507,3 +507,115 @@ def attention_tiled(out, lse, q, k, v, scale, causal, causal_offset, window, mas
             fold_tile(acc[c0:], pv[c0:], l_prev[c0:], alpha[c0:], l[c0:], 2.0**k_shift)  # the running average
             j0 += tk
         store_rows(o, lse[b, h, i0:i0 + tq], acc, m, l)  # a query that saw no key (l = 0) gets zeros, lse -inf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: one query row, the keys split across threads
+# ----------------------------------------------------------------------------------------------------------------
+@njit(**PARALLEL)
+def attention_decode(out, lse, q, k, v, scale, causal, causal_offset, window, mask, mst, has_mask, key_bias, kst,
+                     has_key_bias, part, n_threads):
+    """Fused attention for L == 1 (a decoding step) with the keys cut into parts of ``part`` keys, so that a few
+    (batch, head) rows still keep every thread busy. Same arguments as ``attention_loops``.
+
+    Each work item (row, part) computes, over its keys only, the row max m_p, the sum l_p = Σ exp(s - m_p) and the
+    weighted average a_p = Σ exp(s - m_p) v / l_p (float64; an average never grows past max |V|, so huge values
+    cannot overflow). Then each row merges its parts in increasing order by log-sum-exp:
+    M = max m_p, l = Σ l_p exp(m_p - M), out = Σ (l_p exp(m_p - M) / l) a_p, lse = M + log l.
+    The number of parts depends on S and ``part`` only, never on the thread count, and every sum runs in a fixed
+    order: bitwise the same results for any thread count.
+    """
+    B, Hq, L, E = q.shape
+    S = k.shape[2]
+    Ev = v.shape[3]
+    g = Hq // k.shape[1]
+    rows = B * Hq
+    n_parts = (S + part - 1) // part
+    m_part = np.empty((rows, n_parts), np.float64)
+    l_part = np.empty((rows, n_parts), np.float64)
+    a_part = np.empty((rows, n_parts, Ev), np.float64)
+    s_buf = np.empty((n_threads, part), np.float64)
+    for w in prange(rows * n_parts):
+        tid = numba.get_thread_id()
+        row = w // n_parts
+        pi = w % n_parts
+        b = row // Hq
+        h = row % Hq
+        hk = h // g
+        lo = pi * part
+        hi = min(S, lo + part)
+        if causal:  # query 0 sees keys causal_offset - window < j <= causal_offset
+            hi = min(hi, max(causal_offset + 1, 0))
+            if window > 0:
+                lo = max(lo, causal_offset - window + 1)
+        acc = a_part[row, pi]
+        for c in range(Ev):
+            acc[c] = 0.0
+        m_part[row, pi] = -np.inf
+        l_part[row, pi] = 0.0
+        if hi <= lo:
+            continue
+        s = s_buf[tid, :hi - lo]
+        qi = q[b, h, 0]
+        m = -np.inf
+        nan_seen = False
+        for j in range(lo, hi):  # scores, and their max
+            dot = q.dtype.type(0.0)
+            kj = k[b, hk, j]
+            for e in range(E):
+                dot += qi[e] * kj[e]
+            x = np.float64(dot * scale)
+            if has_mask:
+                x += mask[b * mst[0] + h * mst[1] + j * mst[3]]
+            if has_key_bias:
+                x += key_bias[b * kst[0] + j * kst[1]]
+            s[j - lo] = x
+            m = maxnum(m, x)
+            if x != x:
+                nan_seen = True
+        if nan_seen:
+            m = np.nan
+        if m == -np.inf:  # no visible key in this part
+            continue
+        total = 0.0
+        for j in range(hi - lo):  # p = exp(s - m), the sum
+            p = np.exp(s[j] - m)
+            s[j] = p
+            total += p
+        inv = 1.0 / total
+        for j in range(hi - lo):  # the weighted average of this part's values
+            p = s[j] * inv
+            vj = v[b, hk, lo + j]
+            for c in range(Ev):
+                acc[c] += p * vj[c]
+        m_part[row, pi] = m
+        l_part[row, pi] = total
+    for row in prange(rows):  # merge each row's parts, in increasing order
+        b = row // Hq
+        h = row % Hq
+        big = -np.inf
+        nan_seen = False
+        for pi in range(n_parts):
+            big = maxnum(big, m_part[row, pi])
+            if m_part[row, pi] != m_part[row, pi]:
+                nan_seen = True
+        o = out[b, h, 0]
+        if nan_seen:
+            for c in range(Ev):
+                o[c] = np.nan
+            lse[b, h, 0] = np.nan
+            continue
+        if big == -np.inf:  # no key to attend to
+            for c in range(Ev):
+                o[c] = 0.0
+            lse[b, h, 0] = -np.inf
+            continue
+        total = 0.0
+        for pi in range(n_parts):
+            total += l_part[row, pi] * np.exp(m_part[row, pi] - big)
+        for c in range(Ev):
+            x = 0.0
+            for pi in range(n_parts):
+                x += (l_part[row, pi] * np.exp(m_part[row, pi] - big) / total) * a_part[row, pi, c]
+            o[c] = x
+        lse[b, h, 0] = big + np.log(total)

@@ -192,6 +192,8 @@ def layer_norm_grads(grad_out, x, gamma, eps):
     x64 = np.asarray(x, dtype=np.float64)  # (R, D)
     go = np.asarray(grad_out, dtype=np.float64)  # (R, D)
     D = x64.shape[-1]
+    if D == 0:  # rows of nothing: nothing to normalise, no gradient
+        return np.zeros_like(x64), np.zeros(0), np.zeros(0)
     mean = x64.mean(axis=-1, keepdims=True)  # (R, 1)
     var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)  # (R, 1)
     rstd = 1.0 / np.sqrt(var + eps)  # (R, 1)

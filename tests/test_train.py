@@ -412,3 +412,11 @@ def test_untied_lm_head_gets_its_own_gradient(tmp_path):
     before = model(ids[:1]).logits.copy()
     params["lm_head.weight"][3] *= 2.0  # live: the forward's head is a view of it
     assert not np.allclose(model(ids[:1]).logits[..., 3], before[..., 3])
+
+
+@pytest.mark.skipif(set(TRAIN_BACKENDS) == set(BACKENDS), reason="every backend has the attention backward")
+def test_a_backend_without_the_attention_backward_says_so_before_any_work():
+    name = next(b for b in BACKENDS if b not in TRAIN_BACKENDS)
+    model = GPT2Model.init(TINY, seed=0)
+    with pytest.raises(ValueError, match=f"backend '{name}' has no attention_backward"):
+        model.loss_and_grads(np.array([[1, 2, 3]]), backend=name)

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from .. import _backends
 from . import _ops
 from ._checkpoint import WEIGHT_FILE, read_config
 
@@ -38,6 +39,9 @@ IGNORE_INDEX = -100
 
 #: The logits tile of the loss head: at most this many (rows x vocabulary) entries at once (8 Mi = 32 MiB float32).
 LOSS_TILE_ELEMENTS = 1 << 23
+
+#: The attention-family kernels training needs beside the forward ones (issue 13's backward kernels).
+TRAINING_KERNELS = ("attention_backward", "gather_backward", "add_positions_backward")
 
 #: The forward activation kernel (config.json's activation_function) -> its backward kernel.
 BACKWARD_OF = {"bias_gelu": "bias_gelu_backward", "bias_gelu_tanh": "bias_gelu_tanh_backward"}
@@ -235,6 +239,12 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
     t0 = clock()
     cfg, w = model.config, model._w
     kern, blk = _ops.kernels(model.backend if backend is None else backend)
+    missing = [n for n in TRAINING_KERNELS if not hasattr(kern, n)]
+    if missing:  # before any work: the attention backward reaches the backends one by one
+        name = _backends.resolve_name(model.backend if backend is None else backend)
+        have = [b for b in _backends.available_backends() if all(hasattr(_backends.kernels(b), n) for n in missing)]
+        raise ValueError(f"backend {name!r} has no {', '.join(missing)} kernels yet, which training needs; "
+                         f"backends that have them here: {have}")  # fmt: skip
     dt = model.dtype
     B, L = ids.shape
     T, D, H, d, F, Vn = B * L, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.inner_size, cfg.vocab_size

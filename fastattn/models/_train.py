@@ -40,6 +40,13 @@ IGNORE_INDEX = -100
 #: The logits tile of the loss head: at most this many (rows x vocabulary) entries at once (8 Mi = 32 MiB float32).
 LOSS_TILE_ELEMENTS = 1 << 23
 
+#: Run the backends' kernels on one thread inside a training step, the BLAS matmuls on all of them. A step
+#: alternates matmuls with element-wise kernels, and OpenBLAS's worker threads spin for a while after each matmul:
+#: a parallel kernel right after one waits for the cores they hold (about 10 ms a kernel, ~100 kernels a step).
+#: Measured on 2 cores (6 x 384 GPT-2, 8 x 256 tokens): 5.1 s a step with parallel kernels, 3.6 s with serial ones.
+#: The kernels' results do not depend on their thread count, so this changes the time only.
+SERIAL_KERNELS = True
+
 #: The attention-family kernels training needs beside the forward ones (issue 13's backward kernels).
 TRAINING_KERNELS = ("attention_backward", "gather_backward", "add_positions_backward")
 
@@ -255,7 +262,7 @@ def loss_and_grads(model, ids: np.ndarray, labels: np.ndarray, keep: np.ndarray 
     count = int(np.count_nonzero(flat_labels >= 0))
     params = parameters(model)
     grads = {name: np.empty_like(p) for name, p in params.items()}
-    with _ops.threads_for(T * max(D, F), kern, blk):
+    with _ops.threads_for(0 if SERIAL_KERNELS else T * max(D, F), kern, blk):
         # ---------------------------------------------------------------------------------------- forward
         bias = _ops.key_bias(keep, dt)  # (B, L): -inf at padded keys, None without padding
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(L, dtype=np.int64), (B, L))).reshape(-1)

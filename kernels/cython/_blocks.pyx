@@ -362,18 +362,20 @@ cdef inline floating gelu_grad_scalar(floating y) noexcept nogil:
 
 
 cdef inline floating gelu_tanh_grad_scalar(floating y) noexcept nogil:
-    """d/dy 0.5 y (1 + tanh u) = s + 2 y s (1 - s) du/dy with s = 1 / (1 + exp(-2u))."""
+    """d/dy 0.5 y (1 + tanh u) = s + 2 y s (1 - s) du/dy with s = 1 / (1 + e), e = exp(-2u)."""
     cdef floating y2 = y * y
     cdef floating u = <floating>0.7978845608028654 * (y + <floating>0.044715 * y2 * y)
     cdef floating du = <floating>0.7978845608028654 * (<floating>1.0 + <floating>0.134145 * y2)
     cdef floating t = <floating>-2.0 * u
-    cdef floating s
-    t = t if t < <floating>88.0 else <floating>88.0
+    cdef floating s, s_neg
+    cdef floating hi = <floating>80.0   # exponents clamped: no intermediate overflows
     if floating is float:
-        s = <float>1.0 / (<float>1.0 + fexpf(t))
+        s = <float>1.0 / (<float>1.0 + fexpf(t if t < hi else hi))
+        s_neg = <float>1.0 / (<float>1.0 + fexpf(-t if -t < hi else hi))   # 1 - s without cancellation
     else:
-        s = 1.0 / (1.0 + exp(t))
-    return s + <floating>2.0 * y * s * (<floating>1.0 - s) * du
+        s = 1.0 / (1.0 + exp(t if t < hi else hi))
+        s_neg = 1.0 / (1.0 + exp(-t if -t < hi else hi))
+    return s + <floating>2.0 * y * (s * s_neg) * du
 
 
 cdef inline void _ln_param_block(floating* grad_gamma, floating* grad_beta, const floating* grad_out,

@@ -384,13 +384,17 @@ def gelu_grad_scalar(y):
 
 @njit(**INLINE)
 def gelu_tanh_grad_scalar(y):
-    """d/dy 0.5 y (1 + tanh u): with s = ½(1 + tanh u) = 1 / (1 + exp(-2u)), it is s + 2 y s (1 - s) du/dy."""
+    """d/dy 0.5 y (1 + tanh u): with s = ½(1 + tanh u) = 1 / (1 + exp(-2u)), it is s + 2 y s (1 - s) du/dy.
+
+    1 - s is computed as 1 / (1 + exp(2u)) (no cancellation where s is near 1); both exponents are clamped at 80 so
+    that no intermediate overflows (fast-math may reorder the products)."""
     y2 = y * y
     u = const(y, _SQRT_2_OVER_PI) * (y + const(y, 0.044715) * y2 * y)
     du = const(y, _SQRT_2_OVER_PI) * (const(y, 1.0) + const(y, 3.0 * 0.044715) * y2)
-    t = min(const(y, -2.0) * u, const(y, 88.0))  # float32 exp is valid up to 88; beyond, s is 0 to the last bit
-    s = const(y, 1.0) / (const(y, 1.0) + fast_exp(t))
-    return s + const(y, 2.0) * y * s * (const(y, 1.0) - s) * du
+    t = const(y, -2.0) * u
+    s = const(y, 1.0) / (const(y, 1.0) + fast_exp(min(t, const(y, 80.0))))  # s = 1 / (1 + e^t), e^t finite
+    s_neg = const(y, 1.0) / (const(y, 1.0) + fast_exp(min(-t, const(y, 80.0))))  # 1 - s, without cancellation
+    return s + const(y, 2.0) * y * (s * s_neg) * du
 
 
 @njit(**KERNEL)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {demo,bench,profile,embed,generate,tune} ...``.
+"""Command line: ``python -m fastattn {demo,bench,profile,embed,generate,train,tune} ...``.
 
 Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches, importing nothing heavy until a subcommand runs.
@@ -19,6 +19,7 @@ COMMANDS = {
     "embed": "fastattn.tools.embed",
     "generate": "fastattn.tools.generate",
     "tune": "fastattn.tools.tune",
+    "train": "fastattn.tools.train",
 }
 
 

@@ -68,6 +68,16 @@ __all__ = [
     "silu_mul",
     "split_qkv_rope",
     "linear",
+    "layer_norm_backward",
+    "gelu_backward",
+    "gelu_tanh_backward",
+    "bias_gelu_backward",
+    "bias_gelu_tanh_backward",
+    "bias_backward",
+    "linear_backward",
+    "split_qkv_backward",
+    "merge_heads_backward",
+    "cross_entropy",
     "get_num_threads",
     "set_num_threads",
 ]
@@ -230,3 +240,122 @@ def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin
 
 def linear(out, x, w):
     out[...] = x @ w.T  # (T, K) @ (K, N)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward kernels (training: fastattn.models._train). Output arguments first; each output fully overwritten.
+#
+# - ``layer_norm_backward(grad_x, grad_gamma, grad_beta, grad_out, x, gamma, eps, grad_residual, has_residual)``:
+#   the gradients of ``sum(grad_out * layer_norm(x, gamma, beta, eps))``; with ``has_residual`` the incoming
+#   ``grad_residual`` (R, D) is added to ``grad_x`` (a pre-LN block: the residual stream's gradient passes through
+#   the add). ``grad_x`` may be ``grad_residual`` or ``grad_out``. ``grad_gamma``, ``grad_beta`` (D,) are sums over
+#   the rows in increasing row order (bitwise the same for any thread count).
+# - ``gelu_backward(grad_x, grad_out, x)``, ``gelu_tanh_backward``, and the ``bias_*`` forms
+#   ``(grad_x, grad_out, x, bias)``: ``grad_x = grad_out * gelu'(x (+ bias))``; ``grad_x`` may be ``grad_out``.
+# - ``bias_backward(grad_bias, grad_out)``: ``grad_bias (D,) = sum over rows of grad_out (R, D)`` (rows in order);
+#   the gradient of a bias add (and of a residual add: the identity, no kernel).
+# - ``linear_backward(grad_x, grad_w, grad_out, x, w)``: ``y = x @ w`` -> ``grad_x = grad_out @ wᵀ``,
+#   ``grad_w = xᵀ @ grad_out`` (BLAS on every backend).
+# - ``split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v)``: grad_q, grad_k, grad_v (B, H, L, d) merged back into
+#   ``grad_qkv`` (B, L, 3·H·d) (the bias's gradient is ``bias_backward`` of it).
+# - ``merge_heads_backward(grad_o, grad_out)``: grad_out (B, L, H·d) -> grad_o (B, H, L, d).
+# - ``cross_entropy(loss, grad_logits, logits, labels, scale)``: for each row r of logits (R, V) with
+#   ``labels[r] >= 0``: ``loss[r] = logsumexp(logits[r]) - logits[r, labels[r]]`` and
+#   ``grad_logits[r] = scale * (softmax(logits[r]) - onehot(labels[r]))``; rows with a negative label (the ignore
+#   index -100) get ``loss[r] = 0`` and a zero gradient. ``grad_logits`` may be ``logits`` (in place). Callers pass
+#   a tile of rows at a time, so no more than a tile of probabilities is ever held. Statistics in float64.
+# --------------------------------------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def layer_norm_grads(grad_out, x, gamma, eps):
+    """(grad_x, grad_gamma, grad_beta) of LayerNorm, literally from the math, in float64."""
+    x64 = np.asarray(x, dtype=np.float64)  # (R, D)
+    go = np.asarray(grad_out, dtype=np.float64)  # (R, D)
+    D = x64.shape[-1]
+    if D == 0:  # rows of nothing: nothing to normalise, no gradient
+        return np.zeros_like(x64), np.zeros(0), np.zeros(0)
+    mean = x64.mean(axis=-1, keepdims=True)  # (R, 1)
+    var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)  # (R, 1)
+    rstd = 1.0 / np.sqrt(var + eps)  # (R, 1)
+    xhat = (x64 - mean) * rstd  # (R, D)
+    grad_xhat = go * np.asarray(gamma, dtype=np.float64)  # (R, D)
+    # x̂ = (x - μ) σ⁻¹: ∂L/∂x = σ⁻¹ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)), the mean and variance paths included
+    grad_x = rstd * (
+        grad_xhat - grad_xhat.sum(-1, keepdims=True) / D - xhat * (grad_xhat * xhat).sum(-1, keepdims=True) / D
+    )
+    return grad_x, (go * xhat).sum(axis=0), go.sum(axis=0)  # (R, D), (D,), (D,)
+
+
+def gelu_exact_grad(y):
+    """d/dy of 0.5 y (1 + erf(y / √2)) = Φ(y) + y φ(y), in float64."""
+    y64 = np.asarray(y, dtype=np.float64)
+    cdf = 0.5 * (1.0 + erf(y64 / math.sqrt(2.0)))  # Φ(y)
+    pdf = np.exp(-0.5 * y64 * y64) / math.sqrt(2.0 * math.pi)  # φ(y)
+    return cdf + y64 * pdf
+
+
+def gelu_tanh_grad(y):
+    """d/dy of 0.5 y (1 + tanh u), u = √(2/π) (y + 0.044715 y³), in float64."""
+    y64 = np.asarray(y, dtype=np.float64)
+    th = np.tanh(_SQRT_2_OVER_PI * (y64 + 0.044715 * y64**3))  # tanh u
+    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * y64 * y64)  # du/dy
+    return 0.5 * (1.0 + th) + 0.5 * y64 * (1.0 - th * th) * du
+
+
+def layer_norm_backward(grad_x, grad_gamma, grad_beta, grad_out, x, gamma, eps, grad_residual, has_residual):
+    gx, gg, gb = layer_norm_grads(grad_out, x, gamma, eps)  # (R, D), (D,), (D,)
+    if has_residual:
+        gx = gx + grad_residual  # the residual add passes its gradient through
+    grad_gamma[...] = gg
+    grad_beta[...] = gb
+    grad_x[...] = gx
+
+
+def gelu_backward(grad_x, grad_out, x):
+    grad_x[...] = grad_out * gelu_exact_grad(x)
+
+
+def gelu_tanh_backward(grad_x, grad_out, x):
+    grad_x[...] = grad_out * gelu_tanh_grad(x)
+
+
+def bias_gelu_backward(grad_x, grad_out, x, bias):
+    grad_x[...] = grad_out * gelu_exact_grad(np.asarray(x, np.float64) + bias)
+
+
+def bias_gelu_tanh_backward(grad_x, grad_out, x, bias):
+    grad_x[...] = grad_out * gelu_tanh_grad(np.asarray(x, np.float64) + bias)
+
+
+def bias_backward(grad_bias, grad_out):
+    grad_bias[...] = np.asarray(grad_out, np.float64).sum(axis=0)  # (D,)
+
+
+def linear_backward(grad_x, grad_w, grad_out, x, w):
+    np.matmul(grad_out, w.T, out=grad_x)  # (R, I) = (R, O) @ (O, I)
+    np.matmul(x.T, grad_out, out=grad_w)  # (I, O) = (I, R) @ (R, O)
+
+
+def split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v):
+    B, H, L, d = grad_q.shape
+    parts = np.stack([grad_q, grad_k, grad_v], axis=2)  # (B, H, 3, L, d)
+    grad_qkv[...] = parts.transpose(0, 3, 2, 1, 4).reshape(B, L, 3 * H * d)  # (B, L, 3, H, d) -> (B, L, 3·H·d)
+
+
+def merge_heads_backward(grad_o, grad_out):
+    B, H, L, d = grad_o.shape
+    grad_o[...] = grad_out.reshape(B, L, H, d).transpose(0, 2, 1, 3)  # (B, H, L, d)
+
+
+def cross_entropy(loss, grad_logits, logits, labels, scale):
+    R, Vocab = logits.shape
+    z = np.asarray(logits, dtype=np.float64)  # (R, V)
+    z = z - z.max(axis=-1, keepdims=True)  # (R, V): the row max subtracted
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # (R, V) log softmax
+    p = np.exp(log_p)  # (R, V) softmax
+    counted = labels >= 0  # (R,) -100: ignored
+    onehot = (np.arange(Vocab)[None, :] == labels[:, None]).astype(np.float64)  # (R, V), zero rows when ignored
+    nll = -(onehot * log_p).sum(axis=-1)  # (R,): -log p[label]
+    loss[...] = np.where(counted, nll, 0.0)
+    grad_logits[...] = np.where(counted[:, None], scale * (p - onehot), 0.0)  # (R, V)

@@ -129,11 +129,23 @@ OPS: tuple[Op, ...] = (
         "out (T, D), ids, table, position_ids, positions, type_ids, type_table, has_types",
         "token + position (+ token type) rows",
     ),
-    Op("layer_norm", "blocks", "out (R, D), x (R, D), gamma (D,), beta (D,), eps", "LayerNorm per row"),
-    Op("gelu", "blocks", "out (R, D), x (R, D)", "exact GELU (erf)"),
-    Op("gelu_tanh", "blocks", "out (R, D), x (R, D)", "tanh-approximated GELU"),
-    Op("bias_gelu", "blocks", "out (R, D), x (R, D), bias (D,)", "gelu(x + bias)"),
-    Op("bias_gelu_tanh", "blocks", "out (R, D), x (R, D), bias (D,)", "gelu_tanh(x + bias)"),
+    Op(
+        "layer_norm",
+        "blocks",
+        "out (R, D), x (R, D), gamma (D,), beta (D,), eps",
+        "LayerNorm per row",
+        backward="layer_norm_backward",
+    ),
+    Op("gelu", "blocks", "out (R, D), x (R, D)", "exact GELU (erf)", backward="gelu_backward"),
+    Op("gelu_tanh", "blocks", "out (R, D), x (R, D)", "tanh-approximated GELU", backward="gelu_tanh_backward"),
+    Op("bias_gelu", "blocks", "out (R, D), x (R, D), bias (D,)", "gelu(x + bias)", backward="bias_gelu_backward"),
+    Op(
+        "bias_gelu_tanh",
+        "blocks",
+        "out (R, D), x (R, D), bias (D,)",
+        "gelu_tanh(x + bias)",
+        backward="bias_gelu_tanh_backward",
+    ),
     Op("bias_residual", "blocks", "out (R, D), x, bias (D,), residual", "x + bias + residual"),
     Op(
         "bias_residual_layer_norm",
@@ -152,8 +164,9 @@ OPS: tuple[Op, ...] = (
         "blocks",
         "q (B, H, L, d), k (B, H, T, d), v (B, H, T, d), qkv (B, L, 3·H·d), bias, offset",
         "qkv + bias split into heads; k, v rows offset.. (a KV cache)",
+        backward="split_qkv_backward",
     ),
-    Op("merge_heads", "blocks", "out (B, L, H·d), o (B, H, L, d)", "heads merged"),
+    Op("merge_heads", "blocks", "out (B, L, H·d), o (B, H, L, d)", "heads merged", backward="merge_heads_backward"),
     # ---- blocks of the Llama family ---------------------------------------------------------------------------------
     Op("rms_norm", "blocks", "out (R, D), x (R, D), gamma (D,), eps", "x / sqrt(mean(x²) + eps) · gamma"),
     Op(
@@ -171,6 +184,37 @@ OPS: tuple[Op, ...] = (
         "qkv + bias split into heads, per-head RMSNorm of q, k (Qwen3) when has_norm, RoPE; k, v rows offset..",
     ),
     Op("linear", "blocks", "out (T, N), x (T, K), w (N, K)", "x @ wᵀ for a few rows (decode steps)"),
+    # ---- blocks: the backward kernels of training (fastattn.models._train) -----------------------------------------
+    Op(
+        "layer_norm_backward",
+        "blocks",
+        "grad_x (R, D), grad_gamma (D,), grad_beta (D,), grad_out (R, D), x, gamma, eps, grad_residual, has_residual",
+        "LayerNorm's gradients (+ grad_residual passed through when has_residual); sums over rows in fixed chunks",
+    ),
+    Op("gelu_backward", "blocks", "grad_x (R, D), grad_out (R, D), x (R, D)", "grad_out · gelu'(x)"),
+    Op("gelu_tanh_backward", "blocks", "grad_x (R, D), grad_out (R, D), x (R, D)", "grad_out · gelu_tanh'(x)"),
+    Op("bias_gelu_backward", "blocks", "grad_x (R, D), grad_out, x, bias (D,)", "grad_out · gelu'(x + bias)"),
+    Op("bias_gelu_tanh_backward", "blocks", "grad_x (R, D), grad_out, x, bias (D,)", "grad_out · gelu_tanh'(x + bias)"),
+    Op("bias_backward", "blocks", "grad_bias (D,), grad_out (R, D)", "the column sums (fixed order)"),
+    Op(
+        "linear_backward",
+        "blocks",
+        "grad_x (R, I), grad_w (I, O), grad_out (R, O), x (R, I), w (I, O)",
+        "y = x @ w: grad_x = grad_out wᵀ, grad_w = xᵀ grad_out (BLAS)",
+    ),
+    Op(
+        "split_qkv_backward",
+        "blocks",
+        "grad_qkv (B, L, 3·H·d), grad_q, grad_k, grad_v (B, H, L, d)",
+        "the heads merged back into the fused qkv layout",
+    ),
+    Op("merge_heads_backward", "blocks", "grad_o (B, H, L, d), grad_out (B, L, H·d)", "grad_out split into heads"),
+    Op(
+        "cross_entropy",
+        "blocks",
+        "loss (R,), grad_logits (R, V), logits (R, V), labels (R,) int64, scale",
+        "softmax cross-entropy per row and scale · its gradient, a row tile at a time; labels < 0 ignored",
+    ),
 )
 
 BY_NAME: dict[tuple[str, str], Op] = {(op.family, op.name): op for op in OPS}

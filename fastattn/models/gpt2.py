@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _call
+from .. import _validation as V
 from . import _ops
 from ._checkpoint import CheckpointError, config_value
 from .base import Decoder, DecoderOutput, GenerationOutput, KVCache, Weight, read_weights
@@ -169,6 +170,90 @@ class GPT2Model(Decoder):
 
     def _cache_shape(self):
         return self.config.num_heads, self.config.head_dim, 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training (fastattn/models/_train.py holds the training forward and backward)
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, config, *, seed: int = 0, backend=None, dtype=np.float32) -> GPT2Model:
+        """A new model with GPT-2's initialisation, for training from scratch.
+
+        ``config`` is a ``GPT2Config`` or a config.json dict. Weights and embeddings are normal with std 0.02, the
+        residual projections (``c_proj``) with std 0.02 / √(2·n_layer), biases 0, LayerNorm scales 1.
+
+        Examples
+        --------
+        >>> from fastattn.models import GPT2Model
+        >>> model = GPT2Model.init({"vocab_size": 256, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2})
+        >>> model.parameters()["h.0.attn.c_attn.weight"].shape
+        (32, 96)
+        """
+        from . import _train
+
+        cfg = config if isinstance(config, GPT2Config) else GPT2Config.from_dict(dict(config))
+        dtype = V.float_dtype("dtype", dtype)
+        return cls(cfg, _train.init_weights(cfg, V.positive_int("seed", seed, allow_zero=True), dtype),
+                   backend=backend, dtype=dtype)  # fmt: skip
+
+    from_config = init
+
+    def parameters(self) -> dict:
+        """The live weight arrays by checkpoint name (``"wte.weight"``, ``"h.0.attn.c_attn.weight"``, ...).
+
+        Updating them in place (an optimizer's step) changes what the next forward computes. The tied LM head has
+        no entry of its own: it is ``wte.weight``.
+        """
+        from . import _train
+
+        return _train.parameters(self)
+
+    def loss_and_grads(self, input_ids, labels=None, *, attention_mask=None, backend=None) -> tuple[float, dict]:
+        """The mean next-token cross-entropy and the gradient of every tensor, as Hugging Face's
+        ``GPT2LMHeadModel(input_ids, labels=labels, attention_mask=...).loss.backward()`` computes them.
+
+        Parameters
+        ----------
+        input_ids : array_like of int, shape (B, L) or (L,)
+        labels : array_like of int, shape of ``input_ids``, optional
+            Default ``input_ids``. Position t is scored on ``labels[t + 1]`` (the model shifts); ``-100`` is
+            ignored. The loss is the mean over the counted positions.
+        attention_mask : array_like, shape (B, L), optional
+            1 = token, 0 = padding (padded keys are never attended to; give their labels -100).
+
+        Returns
+        -------
+        (loss, grads)
+            ``loss`` a float; ``grads`` a dict from the checkpoint's tensor names (those of ``parameters()``) to
+            arrays of the tensors' shapes and dtype; the tied LM head's gradient is added into ``wte.weight``'s.
+
+        Examples
+        --------
+        >>> loss, grads = model.loss_and_grads(np.array([[1, 2, 3, 4]]))          # doctest: +SKIP
+        >>> grads["h.0.attn.c_attn.weight"].shape                                 # doctest: +SKIP
+        (32, 96)
+        """
+        from . import _train
+
+        ids, labels, keep = _train.check_batch(self.config, input_ids, labels, attention_mask)
+        return _train.loss_and_grads(self, ids, labels, keep, backend)
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (the checkpoint's names, the model's dtype) to ``path``,
+        as Hugging Face's ``save_pretrained``: ``GPT2LMHeadModel.from_pretrained`` and ``fastattn.models.load``
+        read it back."""
+        from . import _train
+
+        _train.save_pretrained(self, path)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens (at most ``n_positions``)."""
+        cfg = self.config
+        batch = V.positive_int("batch", batch)
+        capacity = V.positive_int("capacity", capacity)
+        return KVCache(cfg.num_layers, batch, cfg.num_heads, capacity, cfg.head_dim, self.dtype)
 
     def _work(self, B: int, L: int, cache) -> dict:
         cfg, dt = self.config, self.dtype

@@ -514,3 +514,280 @@ def linear(floating[:, ::1] out, const floating[:, ::1] x, const floating[:, ::1
         for n in prange(N, schedule="static", num_threads=_n_threads):
             for t in range(T):
                 out[t, n] = dot_row(&x[t, 0], &w[n, 0], K)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward kernels (training). Contract: the backward section of fastattn/_numpy_blocks.py.
+# Sums over rows (grad_gamma, grad_beta, grad_bias) run in parallel over blocks of COLS columns, each column summed
+# over the rows in increasing order in double: no races, bitwise the same for any thread count.
+# ----------------------------------------------------------------------------------------------------------------
+from libc.math cimport log
+from libc.stdlib cimport malloc
+
+cdef enum:
+    COLS = 32
+
+
+cdef inline floating gelu_grad_scalar(floating y) noexcept nogil:
+    """d/dy 0.5 y (1 + erf(y/√2)) = Φ(y) + y φ(y)."""
+    if floating is float:
+        return (<float>0.5 * (<float>1.0 + erf_f32(y * <float>0.7071067811865476))
+                + y * fexpf_neg(<float>-0.5 * y * y) * <float>0.3989422804014327)
+    else:
+        return 0.5 * (1.0 + erf(y * 0.7071067811865476)) + y * exp(-0.5 * y * y) * 0.3989422804014327
+
+
+cdef inline floating gelu_tanh_grad_scalar(floating y) noexcept nogil:
+    """d/dy 0.5 y (1 + tanh u) = s + 2 y s (1 - s) du/dy with s = 1 / (1 + e), e = exp(-2u)."""
+    cdef floating y2 = y * y
+    cdef floating u = <floating>0.7978845608028654 * (y + <floating>0.044715 * y2 * y)
+    cdef floating du = <floating>0.7978845608028654 * (<floating>1.0 + <floating>0.134145 * y2)
+    cdef floating t = <floating>-2.0 * u
+    cdef floating s, s_neg
+    cdef floating hi = <floating>80.0   # exponents clamped: no intermediate overflows
+    if floating is float:
+        s = <float>1.0 / (<float>1.0 + fexpf(t if t < hi else hi))
+        s_neg = <float>1.0 / (<float>1.0 + fexpf(-t if -t < hi else hi))   # 1 - s without cancellation
+    else:
+        s = 1.0 / (1.0 + exp(t if t < hi else hi))
+        s_neg = 1.0 / (1.0 + exp(-t if -t < hi else hi))
+    return s + <floating>2.0 * y * (s * s_neg) * du
+
+
+cdef inline void _ln_param_block(floating* grad_gamma, floating* grad_beta, const floating* grad_out,
+                                 const floating* x, const double* stats, Py_ssize_t R, Py_ssize_t D,
+                                 Py_ssize_t lo) noexcept nogil:
+    """Columns lo .. lo + COLS - 1 of grad_gamma = Σ_r grad_out x̂ and grad_beta = Σ_r grad_out (rows in order)."""
+    cdef double acc_g[COLS]
+    cdef double acc_b[COLS]
+    cdef Py_ssize_t hi = lo + COLS if lo + COLS < D else D, r, c
+    cdef double mean, rstd
+    for c in range(COLS):
+        acc_g[c] = 0.0
+        acc_b[c] = 0.0
+    for r in range(R):
+        mean = stats[2 * r]
+        rstd = stats[2 * r + 1]
+        for c in range(lo, hi):
+            acc_g[c - lo] += grad_out[r * D + c] * ((x[r * D + c] - mean) * rstd)
+            acc_b[c - lo] += grad_out[r * D + c]
+    for c in range(lo, hi):
+        grad_gamma[c] = <floating>acc_g[c - lo]
+        grad_beta[c] = <floating>acc_b[c - lo]
+
+
+cdef inline void _bias_block(floating* grad_bias, const floating* grad_out, Py_ssize_t R, Py_ssize_t D,
+                             Py_ssize_t lo) noexcept nogil:
+    """Columns lo .. lo + COLS - 1 of grad_bias = Σ_r grad_out (rows in order, in double)."""
+    cdef double acc[COLS]
+    cdef Py_ssize_t hi = lo + COLS if lo + COLS < D else D, r, c
+    for c in range(COLS):
+        acc[c] = 0.0
+    for r in range(R):
+        for c in range(lo, hi):
+            acc[c - lo] += grad_out[r * D + c]
+    for c in range(lo, hi):
+        grad_bias[c] = <floating>acc[c - lo]
+
+
+def layer_norm_backward(floating[:, ::1] grad_x, floating[::1] grad_gamma, floating[::1] grad_beta,
+                        const floating[:, ::1] grad_out, const floating[:, ::1] x, const floating[::1] gamma,
+                        double eps, const floating[:, ::1] grad_residual, bint has_residual):
+    """LayerNorm's gradients; grad_x may be grad_out or grad_residual (the parameter sums run first)."""
+    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r, j, blk
+    cdef Py_ssize_t nblocks = (D + COLS - 1) // COLS
+    cdef double total, sq, cc, mean, rstd, s1, s2, m1, m2, g
+    cdef const floating* xr
+    cdef const floating* go
+    cdef floating* gx
+    cdef double* stats
+    if D == 0:
+        return
+    if R == 0:
+        grad_gamma[:] = 0
+        grad_beta[:] = 0
+        return
+    stats = <double*>malloc(2 * R * sizeof(double))
+    if stats == NULL:
+        raise MemoryError()
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):  # mean and 1/std of each row
+            xr = &x[r, 0]
+            total = 0.0
+            for j in range(D):
+                total = total + xr[j]
+            mean = total / D
+            sq = 0.0
+            for j in range(D):
+                cc = xr[j] - mean
+                sq = sq + cc * cc
+            stats[2 * r] = mean
+            stats[2 * r + 1] = 1.0 / sqrt(sq / D + eps)
+        for blk in prange(nblocks, schedule="static", num_threads=_n_threads):  # Σ_r grad_out x̂, Σ_r grad_out
+            _ln_param_block(&grad_gamma[0], &grad_beta[0], &grad_out[0, 0], &x[0, 0], stats, R, D, blk * COLS)
+        for r in prange(R, schedule="static", num_threads=_n_threads):  # grad_x, row by row, in double
+            xr = &x[r, 0]
+            go = &grad_out[r, 0]
+            gx = &grad_x[r, 0]
+            mean = stats[2 * r]
+            rstd = stats[2 * r + 1]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(D):
+                g = <double>go[j] * gamma[j]
+                s1 = s1 + g
+                s2 = s2 + g * ((xr[j] - mean) * rstd)
+            m1 = s1 / D
+            m2 = s2 / D
+            if has_residual:
+                for j in range(D):
+                    gx[j] = <floating>(rstd * (<double>go[j] * gamma[j] - m1 - (xr[j] - mean) * rstd * m2)
+                                       + grad_residual[r, j])
+            else:
+                for j in range(D):
+                    gx[j] = <floating>(rstd * (<double>go[j] * gamma[j] - m1 - (xr[j] - mean) * rstd * m2))
+    free(stats)
+
+
+cdef int _gelu_grad_rows(floating[:, ::1] grad_x, const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                         const floating* bias, int form) except -1:
+    """grad_x = grad_out * gelu'(x + bias) (erf or tanh form); bias NULL: no bias. grad_x may be grad_out."""
+    cdef Py_ssize_t R = x.shape[0], D = x.shape[1], r, c
+    cdef floating* zeros = NULL
+    cdef floating* gx
+    cdef const floating* go
+    cdef const floating* xr
+    if R * D == 0:
+        return 0
+    if bias == NULL:
+        zeros = <floating*>calloc(D, sizeof(floating))
+        if zeros == NULL:
+            raise MemoryError()
+        bias = zeros
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            gx = &grad_x[r, 0]
+            go = &grad_out[r, 0]
+            xr = &x[r, 0]
+            if form == GELU_TANH:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_tanh_grad_scalar(xr[c] + bias[c])
+            else:
+                for c in range(D):
+                    gx[c] = go[c] * gelu_grad_scalar(xr[c] + bias[c])
+    free(zeros)
+    return 0
+
+
+def gelu_backward(floating[:, ::1] grad_x, const floating[:, ::1] grad_out, const floating[:, ::1] x):
+    """grad_x = grad_out * gelu'(x) (erf form)."""
+    _gelu_grad_rows(grad_x, grad_out, x, <const floating*>NULL, GELU_ERF)
+
+
+def gelu_tanh_backward(floating[:, ::1] grad_x, const floating[:, ::1] grad_out, const floating[:, ::1] x):
+    """grad_x = grad_out * gelu_tanh'(x)."""
+    _gelu_grad_rows(grad_x, grad_out, x, <const floating*>NULL, GELU_TANH)
+
+
+def bias_gelu_backward(floating[:, ::1] grad_x, const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                       const floating[::1] bias):
+    """grad_x = grad_out * gelu'(x + bias)."""
+    if x.shape[0] * x.shape[1] != 0:
+        _gelu_grad_rows(grad_x, grad_out, x, &bias[0], GELU_ERF)
+
+
+def bias_gelu_tanh_backward(floating[:, ::1] grad_x, const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                            const floating[::1] bias):
+    """grad_x = grad_out * gelu_tanh'(x + bias)."""
+    if x.shape[0] * x.shape[1] != 0:
+        _gelu_grad_rows(grad_x, grad_out, x, &bias[0], GELU_TANH)
+
+
+def bias_backward(floating[::1] grad_bias, const floating[:, ::1] grad_out):
+    """grad_bias[c] = Σ_r grad_out[r, c], rows in order, in double."""
+    cdef Py_ssize_t R = grad_out.shape[0], D = grad_out.shape[1], blk
+    cdef Py_ssize_t nblocks = (D + COLS - 1) // COLS
+    if D == 0:
+        return
+    if R == 0:
+        grad_bias[:] = 0
+        return
+    with nogil:
+        for blk in prange(nblocks, schedule="static", num_threads=_n_threads):
+            _bias_block(&grad_bias[0], &grad_out[0, 0], R, D, blk * COLS)
+
+
+def split_qkv_backward(floating[:, :, ::1] grad_qkv, const floating[:, :, :, ::1] grad_q,
+                       const floating[:, :, :, ::1] grad_k, const floating[:, :, :, ::1] grad_v):
+    """grad_q, grad_k, grad_v (B, H, L, d) -> grad_qkv (B, L, 3·H·d)."""
+    cdef Py_ssize_t B = grad_q.shape[0], H = grad_q.shape[1], L = grad_q.shape[2], d = grad_q.shape[3]
+    cdef Py_ssize_t HD = H * d, w, b, n, h, e
+    cdef floating* row
+    if B * H * L * d == 0:
+        return
+    with nogil:
+        for w in prange(B * L, schedule="static", num_threads=_n_threads):
+            b = w // L
+            n = w - b * L
+            row = &grad_qkv[b, n, 0]
+            for h in range(H):
+                for e in range(d):
+                    row[h * d + e] = grad_q[b, h, n, e]
+                for e in range(d):
+                    row[HD + h * d + e] = grad_k[b, h, n, e]
+                for e in range(d):
+                    row[2 * HD + h * d + e] = grad_v[b, h, n, e]
+
+
+def merge_heads_backward(floating[:, :, :, ::1] grad_o, const floating[:, :, ::1] grad_out):
+    """grad_out (B, L, H·d) -> grad_o (B, H, L, d)."""
+    cdef Py_ssize_t B = grad_o.shape[0], H = grad_o.shape[1], L = grad_o.shape[2], d = grad_o.shape[3]
+    cdef Py_ssize_t w, b, n, h, e
+    if B * H * L * d == 0:
+        return
+    with nogil:
+        for w in prange(B * L, schedule="static", num_threads=_n_threads):
+            b = w // L
+            n = w - b * L
+            for h in range(H):
+                for e in range(d):
+                    grad_o[b, h, n, e] = grad_out[b, n, h * d + e]
+
+
+def cross_entropy(floating[::1] loss, floating[:, ::1] grad_logits, const floating[:, ::1] logits,
+                  const int64_t[::1] labels, double scale):
+    """Per row: loss = logsumexp - logit[label]; grad = scale (softmax - onehot); label < 0: 0 and 0.
+
+    grad_logits may be logits: the row is copied into grad_logits (unless it is the same memory), the exps are
+    written in place there by exp_shift_sum (sum in double), then scaled.
+    """
+    cdef Py_ssize_t R = logits.shape[0], Vn = logits.shape[1], r, j
+    cdef int64_t label
+    cdef double m, total
+    cdef floating picked, inv
+    cdef const floating* z
+    cdef floating* g
+    if R == 0:
+        return
+    with nogil:
+        for r in prange(R, schedule="static", num_threads=_n_threads):
+            z = &logits[r, 0]
+            g = &grad_logits[r, 0]
+            label = labels[r]
+            if label < 0:
+                loss[r] = 0
+                for j in range(Vn):
+                    g[j] = 0
+                continue
+            m = row_max(z, Vn)
+            picked = z[label]
+            if <const floating*>g != z:
+                for j in range(Vn):
+                    g[j] = z[j]
+            total = exp_shift_sum(g, Vn, m)
+            loss[r] = <floating>((m - picked) + log(total))
+            inv = <floating>(scale / total)
+            for j in range(Vn):
+                g[j] = g[j] * inv
+            g[label] = g[label] - <floating>scale

@@ -8,6 +8,8 @@ raises ``ImportError`` saying why, and the registry reports that the ``cython`` 
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..._optable import of_families
 from . import _widest_build
 
@@ -56,3 +58,9 @@ def set_local_threads(n: int | None):
     from . import set_local_threads as set_local
 
     return set_local(n)
+
+
+def linear_backward(grad_x, grad_w, grad_out, x, w):
+    """y = x @ w: grad_x = grad_out @ wᵀ, grad_w = xᵀ @ grad_out (BLAS, through NumPy)."""
+    np.matmul(grad_out, w.T, out=grad_x)
+    np.matmul(x.T, grad_out, out=grad_w)

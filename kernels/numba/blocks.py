@@ -32,12 +32,13 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ._config import HELPER, PARALLEL, get_num_threads, set_local_threads, set_num_threads
-from ._math import fast_exp
+from ._math import fast_exp, maxnum
 
 # NumPy's error model: a float division by zero gives inf/nan instead of raising ZeroDivisionError. Python's model
 # puts a check and a branch into every division, which stops LLVM from vectorising the GELU loops (10x slower).
 KERNEL = {**PARALLEL, "error_model": "numpy"}
 INLINE = {**HELPER, "error_model": "numpy"}
+INLINE_SERIAL = {**HELPER, "error_model": "numpy", "nogil": True}  # a small serial kernel
 
 __all__ = [
     "embedding",
@@ -56,6 +57,7 @@ __all__ = [
     "silu_mul",
     "split_qkv_rope",
     "linear",
+
     "get_num_threads",
     "set_num_threads",
     "set_local_threads",
@@ -347,6 +349,16 @@ def warmup(dtypes=("float32", "float64")):
         q = np.empty((B, H, L, d), dt)
         split_qkv(q, np.empty_like(q), np.empty_like(q), np.zeros((B, L, 3 * D), dt), np.zeros(3 * D, dt), 0)
         merge_heads(np.empty((B, L, D), dt), q)
+        g = np.empty_like(x)
+        layer_norm_backward(g, np.empty_like(vec), np.empty_like(vec), x, x, vec, 1e-5, x, True)
+        for fn in (gelu_backward, gelu_tanh_backward):
+            fn(g, x, x)
+        for fn in (bias_gelu_backward, bias_gelu_tanh_backward):
+            fn(g, x, x, vec)
+        bias_backward(np.empty_like(vec), x)
+        split_qkv_backward(np.empty((B, L, 3 * D), dt), q, q, q)
+        merge_heads_backward(np.empty_like(q), np.zeros((B, L, D), dt))
+        cross_entropy(np.empty(B * L, dt), g, x, ids, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,3 +488,274 @@ def _linear(out, x, w):
 
 def linear(out, x, w):
     _linear(out, x, w)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward kernels (training). Contract: the backward section of fastattn/_numpy_blocks.py.
+#
+# Sums over rows (grad_gamma, grad_beta, grad_bias) in two passes: fixed chunks of CHUNK rows, each summed in float64
+# along its rows (parallel over chunks, streaming rows), then the chunks' partial sums added in chunk order
+# (parallel over columns). The chunks do not depend on the thread count, so neither do the results (bitwise).
+# ----------------------------------------------------------------------------------------------------------------
+CHUNK = 64  # rows per partial sum
+
+
+@njit(**INLINE)
+def gelu_grad_scalar(y):
+    """d/dy 0.5 y (1 + erf(y/√2)) = Φ(y) + y φ(y)."""
+    cdf = const(y, 0.5) * (const(y, 1.0) + fast_erf(y * const(y, _SQRT_HALF)))
+    pdf = fast_exp(const(y, -0.5) * y * y) * const(y, 0.3989422804014327)  # exp(-y²/2) / √(2π)
+    return cdf + y * pdf
+
+
+@njit(**INLINE)
+def gelu_tanh_grad_scalar(y):
+    """d/dy 0.5 y (1 + tanh u): with s = ½(1 + tanh u) = 1 / (1 + exp(-2u)), it is s + 2 y s (1 - s) du/dy.
+
+    1 - s is computed as 1 / (1 + exp(2u)) (no cancellation where s is near 1); both exponents are clamped at 80 so
+    that no intermediate overflows (fast-math may reorder the products)."""
+    y2 = y * y
+    u = const(y, _SQRT_2_OVER_PI) * (y + const(y, 0.044715) * y2 * y)
+    du = const(y, _SQRT_2_OVER_PI) * (const(y, 1.0) + const(y, 3.0 * 0.044715) * y2)
+    t = const(y, -2.0) * u
+    s = const(y, 1.0) / (const(y, 1.0) + fast_exp(min(t, const(y, 80.0))))  # s = 1 / (1 + e^t), e^t finite
+    s_neg = const(y, 1.0) / (const(y, 1.0) + fast_exp(min(-t, const(y, 80.0))))  # 1 - s, without cancellation
+    return s + const(y, 2.0) * y * (s * s_neg) * du
+
+
+@njit(**KERNEL)
+def _layer_norm_param_partials(stats, part_g, part_b, grad_out, x, eps):
+    """Per chunk c of rows: each row's (mean, 1/std) into stats (float64, two-pass variance), and
+    part_g[c] = Σ over the chunk's rows of grad_out x̂, part_b[c] = Σ of grad_out (float64, rows in order)."""
+    R, D = x.shape
+    for c in prange(part_g.shape[0]):
+        acc_g = part_g[c]
+        acc_b = part_b[c]
+        acc_g[:] = 0.0
+        acc_b[:] = 0.0
+        for r in range(c * CHUNK, min((c + 1) * CHUNK, R)):
+            xr = x[r]
+            go = grad_out[r]
+            total = 0.0
+            for j in range(D):
+                total += xr[j]
+            mean = total / D
+            sq = 0.0
+            for j in range(D):
+                d = xr[j] - mean
+                sq += d * d
+            rstd = 1.0 / math.sqrt(sq / D + eps)
+            stats[r, 0] = mean
+            stats[r, 1] = rstd
+            for j in range(D):
+                g = np.float64(go[j])
+                acc_g[j] += g * ((xr[j] - mean) * rstd)
+                acc_b[j] += g
+
+
+@njit(**INLINE_SERIAL)
+def _sum_partials(out, part):
+    """out[j] = Σ_c part[c, j] in chunk order (serial: a few dozen rows of partial sums)."""
+    n, D = part.shape
+    acc = np.zeros(D, np.float64)
+    for c in range(n):
+        for j in range(D):
+            acc[j] += part[c, j]
+    for j in range(D):
+        out[j] = acc[j]
+
+
+@njit(**KERNEL)
+def _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, has_residual):
+    """grad_x = σ⁻¹ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)) (+ grad_residual), ĝ = grad_out γ; in place on grad_out allowed.
+
+    In float64 throughout (float32 inputs are widened element by element): σ⁻¹ can be large (1/√eps for a
+    constant row), and it would magnify the rounding of a float32 ĝ - mean(ĝ) (a fused multiply-add keeps the
+    product unrounded) far beyond float32's own error.
+    """
+    R, D = x.shape
+    for r in prange(R):
+        xr = x[r]
+        go = grad_out[r]
+        m = stats[r, 0]
+        rs = stats[r, 1]
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(D):
+            g = np.float64(go[j]) * gamma[j]
+            s1 += g
+            s2 += g * ((xr[j] - m) * rs)
+        m1 = s1 / D
+        m2 = s2 / D
+        gx = grad_x[r]
+        if has_residual:
+            res = grad_residual[r]
+            for j in range(D):
+                gx[j] = rs * (np.float64(go[j]) * gamma[j] - m1 - (xr[j] - m) * rs * m2) + res[j]
+        else:
+            for j in range(D):
+                gx[j] = rs * (np.float64(go[j]) * gamma[j] - m1 - (xr[j] - m) * rs * m2)
+
+
+@njit(**KERNEL)
+def _bias_partials(part, grad_out):
+    """part[c] = Σ over chunk c's rows of grad_out (float64, rows in order)."""
+    R, D = grad_out.shape
+    for c in prange(part.shape[0]):
+        acc = part[c]
+        acc[:] = 0.0
+        for r in range(c * CHUNK, min((c + 1) * CHUNK, R)):
+            go = grad_out[r]
+            for j in range(D):
+                acc[j] += go[j]
+
+
+def _make_gelu_backward(grad_scalar, with_bias):
+    """A kernel grad_x = grad_out * gelu'(x (+ bias)) for one form: one loop body each, so that LLVM vectorises it."""
+    if with_bias:
+
+        def kernel(grad_x, grad_out, x, bias):
+            R, D = x.shape
+            for r in prange(R):
+                gx = grad_x[r]
+                go = grad_out[r]
+                xr = x[r]
+                for c in range(D):
+                    gx[c] = go[c] * grad_scalar(xr[c] + bias[c])
+
+    else:
+
+        def kernel(grad_x, grad_out, x):
+            R, D = x.shape
+            for r in prange(R):
+                gx = grad_x[r]
+                go = grad_out[r]
+                xr = x[r]
+                for c in range(D):
+                    gx[c] = go[c] * grad_scalar(xr[c])
+
+    return njit(**KERNEL)(kernel)
+
+
+_gelu_backward = _make_gelu_backward(gelu_grad_scalar, False)
+_gelu_tanh_backward = _make_gelu_backward(gelu_tanh_grad_scalar, False)
+_bias_gelu_backward = _make_gelu_backward(gelu_grad_scalar, True)
+_bias_gelu_tanh_backward = _make_gelu_backward(gelu_tanh_grad_scalar, True)
+
+
+@njit(**KERNEL)
+def _split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v):
+    """grad_q, grad_k, grad_v (B, H, L, d) -> grad_qkv (B, L, 3·H·d)."""
+    B, H, L, d = grad_q.shape
+    HD = H * d
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        row = grad_qkv[b, n]  # (3·H·d,)
+        for h in range(H):
+            src_q = grad_q[b, h, n]
+            src_k = grad_k[b, h, n]
+            src_v = grad_v[b, h, n]
+            for e in range(d):
+                row[h * d + e] = src_q[e]
+            for e in range(d):
+                row[HD + h * d + e] = src_k[e]
+            for e in range(d):
+                row[2 * HD + h * d + e] = src_v[e]
+
+
+@njit(**KERNEL)
+def _merge_heads_backward(grad_o, grad_out):
+    """grad_out (B, L, H·d) -> grad_o (B, H, L, d)."""
+    B, H, L, d = grad_o.shape
+    for w in prange(B * L):
+        b = w // L
+        n = w - b * L
+        src = grad_out[b, n]
+        for h in range(H):
+            dst = grad_o[b, h, n]
+            for e in range(d):
+                dst[e] = src[h * d + e]
+
+
+@njit(**KERNEL)
+def _cross_entropy(loss, grad_logits, logits, labels, scale):
+    """Per row: loss = logsumexp - logit[label]; grad = scale (softmax - onehot); label < 0: 0 and 0. In place ok."""
+    R, Vocab = logits.shape
+    for r in prange(R):
+        z = logits[r]
+        g = grad_logits[r]
+        label = labels[r]
+        if label < 0:
+            loss[r] = 0.0
+            for j in range(Vocab):
+                g[j] = 0.0
+            continue
+        m = z[0]
+        for j in range(1, Vocab):  # row max (NaN-ignoring, vectorised)
+            m = maxnum(m, z[j])
+        total = 0.0
+        for j in range(Vocab):  # sum of exp in float64
+            total += fast_exp(z[j] - m)
+        picked = z[label]
+        loss[r] = (m - picked) + math.log(total)
+        inv = z.dtype.type(scale / total)
+        for j in range(Vocab):  # probabilities recomputed, scaled: the only pass that writes
+            g[j] = fast_exp(z[j] - m) * inv
+        g[label] -= z.dtype.type(scale)
+
+
+def _chunks(R: int) -> int:
+    return max(1, (R + CHUNK - 1) // CHUNK)
+
+
+def layer_norm_backward(grad_x, grad_gamma, grad_beta, grad_out, x, gamma, eps, grad_residual, has_residual):
+    R, D = x.shape
+    stats = np.empty((R, 2), np.float64)  # (R, 2): mean, 1/std
+    part_g = np.empty((_chunks(R), D), np.float64)  # first: grad_x may overwrite grad_out
+    part_b = np.empty((_chunks(R), D), np.float64)
+    _layer_norm_param_partials(stats, part_g, part_b, grad_out, x, float(eps))
+    _sum_partials(grad_gamma, part_g)
+    _sum_partials(grad_beta, part_b)
+    _layer_norm_input_grad(grad_x, grad_out, x, gamma, stats, grad_residual, bool(has_residual))
+
+
+def gelu_backward(grad_x, grad_out, x):
+    _gelu_backward(grad_x, grad_out, x)
+
+
+def gelu_tanh_backward(grad_x, grad_out, x):
+    _gelu_tanh_backward(grad_x, grad_out, x)
+
+
+def bias_gelu_backward(grad_x, grad_out, x, bias):
+    _bias_gelu_backward(grad_x, grad_out, x, bias)
+
+
+def bias_gelu_tanh_backward(grad_x, grad_out, x, bias):
+    _bias_gelu_tanh_backward(grad_x, grad_out, x, bias)
+
+
+def bias_backward(grad_bias, grad_out):
+    part = np.empty((_chunks(grad_out.shape[0]), grad_out.shape[1]), np.float64)
+    _bias_partials(part, grad_out)
+    _sum_partials(grad_bias, part)
+
+
+def linear_backward(grad_x, grad_w, grad_out, x, w):
+    """y = x @ w: grad_x = grad_out @ wᵀ, grad_w = xᵀ @ grad_out (BLAS)."""
+    np.matmul(grad_out, w.T, out=grad_x)
+    np.matmul(x.T, grad_out, out=grad_w)
+
+
+def split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v):
+    _split_qkv_backward(grad_qkv, grad_q, grad_k, grad_v)
+
+
+def merge_heads_backward(grad_o, grad_out):
+    _merge_heads_backward(grad_o, grad_out)
+
+
+def cross_entropy(loss, grad_logits, logits, labels, scale):
+    _cross_entropy(loss, grad_logits, logits, labels, float(scale))

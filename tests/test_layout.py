@@ -25,12 +25,17 @@ def _read(*parts):
 
 
 # ---- one table of operations -----------------------------------------------------------------------------------
+STATUS = _backends.backend_status()
+ALL_BACKENDS = [
+    pytest.param(n, marks=pytest.mark.skipif(STATUS[n] is not None, reason=f"{n} is not available: {STATUS[n]}"))
+    for n in _backends.NAMES
+]
+needs_cython = pytest.mark.skipif(STATUS["cython"] is not None, reason=f"cython: {STATUS['cython']}")
+
+
 @pytest.mark.parametrize("family", _optable.FAMILIES)
-@pytest.mark.parametrize("name", _backends.NAMES)
+@pytest.mark.parametrize("name", ALL_BACKENDS)
 def test_every_backend_implements_every_operation_of_every_family(name, family):
-    reason = _backends.backend_status()[name]
-    if reason is not None:
-        pytest.skip(f"backend {name} is not available here: {reason}")
     module = _backends.MODULES[name]("blocks" if family == "blocks" else "pipeline")
     assert _backends.missing_kernels(module, family) == []
     for op_name, why in getattr(module, "UNSUPPORTED", {}).items():  # an operation left out says why
@@ -53,10 +58,8 @@ def test_the_kernel_contract_lists_every_operation():
     assert missing == []
 
 
+@needs_cython
 def test_the_cython_exports_come_from_the_table():
-    reason = _backends.backend_status()["cython"]
-    if reason is not None:
-        pytest.skip(reason)
     from fastattn.kernels import cython
     from fastattn.kernels.cython import blocks
 

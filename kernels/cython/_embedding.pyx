@@ -64,7 +64,7 @@ def gather_backward(floating[:, ::1] grad_table, const floating[:, ::1] grad_out
             start[ids[t]] += 1                   # now start[v] = end of id v's slots (= first slot of v + 1)
         with parallel(num_threads=_n_threads):
             acc = <double*>malloc((D + 1) * sizeof(double))
-            for r in prange(V, schedule="dynamic", chunksize=64):
+            for r in prange(V, schedule="static"):
                 grow = &grad_table[r, 0]
                 first = start[r - 1] if r > 0 else 0
                 if first == start[r]:            # an id that does not occur (the most of a large vocabulary)

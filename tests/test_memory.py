@@ -90,12 +90,18 @@ PEAK_SCRIPT = """
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc (Linux only)")
 @pytest.mark.parametrize("backend_", COMPILED)
 def test_fused_attention_memory_grows_with_n_not_n_squared(backend_, tmp_path):
+    _assert_peak_growth_bounded(PEAK_SCRIPT, backend_, tmp_path, timeout=600)
+
+
+def _assert_peak_growth_bounded(script_text, backend_, tmp_path, *, timeout):
+    """Run ``script_text`` in a fresh 2-thread process; each case's peak RSS growth at N must stay within the limit."""
     script = tmp_path / "peak.py"
-    script.write_text(textwrap.dedent(PEAK_SCRIPT))
+    script.write_text(textwrap.dedent(script_text))
     env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
     proc = subprocess.run(
-        [sys.executable, str(script), backend_, str(N)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
-    )
+        [sys.executable, str(script), backend_, str(N)], capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=ROOT,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, by_n in result.items():
@@ -136,17 +142,7 @@ BACKWARD_PEAK_SCRIPT = (
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc (Linux only)")
 @pytest.mark.parametrize("backend_", [b for b in BACKWARD_BACKENDS if b != "numpy"])
 def test_fused_attention_backward_memory_grows_with_n_not_n_squared(backend_, tmp_path):
-    script = tmp_path / "peak_backward.py"
-    script.write_text(textwrap.dedent(BACKWARD_PEAK_SCRIPT))
-    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, str(script), backend_, str(N)], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, by_n in result.items():
-        grew = {int(n): b / MIB for n, b in by_n.items()}
-        assert grew[N] <= LIMIT_MIB, f"{name}: the peak RSS grew by {grew[N]:.1f} MiB at N={N} ({grew})"
+    _assert_peak_growth_bounded(BACKWARD_PEAK_SCRIPT, backend_, tmp_path, timeout=900)
 
 
 @pytest.mark.parametrize("backend_", COMPILED)

@@ -41,6 +41,11 @@ Llama-family kernels:
   ``b·L + n``. Nothing else is written.
 - ``linear(out, x, w)``: ``out (T, N) = x (T, K) @ wᵀ`` with ``w (N, K)`` in Hugging Face ``Linear``'s layout: the
   matmul of a decode step (few rows T), parallel over the rows of ``w`` so that a thread count owns its columns.
+- ``text_matmul(out, x, w, lengths)``: ``out[b, :n] = x[b, :n] @ w`` for each sequence ``b`` of ``n = lengths[b]``
+  real (leading) rows of ``x`` (B, N, K), ``w`` (K, F); the rows of ``out`` past ``n`` are left as they are. The
+  compiled backends make one single-threaded BLAS call per sequence and run the sequences in parallel, so the bits
+  of a row depend on its own sequence only: not on the other sequences of the batch, the padded length N, or the
+  thread count (what a corpus embedded in any partitioning needs). This oracle is the literal loop.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ __all__ = [
     "silu_mul",
     "split_qkv_rope",
     "linear",
+    "text_matmul",
     "layer_norm_backward",
     "gelu_backward",
     "gelu_tanh_backward",
@@ -240,6 +246,11 @@ def split_qkv_rope(q, k, v, qkv, bias, q_gamma, k_gamma, eps, has_norm, cos, sin
 
 def linear(out, x, w):
     out[...] = x @ w.T  # (T, K) @ (K, N)
+
+
+def text_matmul(out, x, w, lengths):
+    for b, n in enumerate(lengths):
+        out[b, :n] = x[b, :n] @ w
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -184,6 +184,13 @@ OPS: tuple[Op, ...] = (
         "qkv + bias split into heads, per-head RMSNorm of q, k (Qwen3) when has_norm, RoPE; k, v rows offset..",
     ),
     Op("linear", "blocks", "out (T, N), x (T, K), w (N, K)", "x @ wᵀ for a few rows (decode steps)"),
+    Op(
+        "text_matmul",
+        "blocks",
+        "out (B, N, F), x (B, N, K), w (K, F), lengths (B,) int64",
+        "out[b, :n_b] = x[b, :n_b] @ w per sequence on one BLAS thread each (rows past n_b untouched): a row's "
+        "bits depend on its own sequence only, not on the batch or the thread count",
+    ),
     # ---- blocks: the backward kernels of training (fastattn.models._train) -----------------------------------------
     Op(
         "layer_norm_backward",

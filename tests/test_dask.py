@@ -3,10 +3,9 @@
 A small random BERT (test_models' ``bert`` fixture, built with transformers and saved locally) embeds a few hundred
 texts on a ``LocalCluster`` of 2 worker processes with 1 thread each, started and closed here, on local addresses.
 
-What "the same bits" means (fastattn.models.dask's docstring): the rows of partition p are, bit for bit, the
-in-process ``load(model).encode(texts_of_p, batch_size=...)`` run on one thread (``reference`` below), whatever
-the scheduler, the workers and their deaths; different partitionings agree to rounding only (the bits of a row
-depend on its batch: OpenBLAS's edge kernels and thread split, the NumPy backend's sums over padded lengths).
+What "the same bits" means (fastattn.models.dask's docstring): the result is, bit for bit, the in-process
+``load(model).encode(all_texts)`` of the whole corpus in one call (``reference`` below), whatever the partitioning,
+the batch size, the scheduler, the workers, their threads and their deaths, on both compiled backends.
 """
 
 from __future__ import annotations
@@ -68,13 +67,14 @@ def client():
         yield c
 
 
-def reference(directory, partitions, *, batch_size=64, normalize=True, backend=None):
-    """The documented meaning of the Dask result: each partition through the in-process encode on one thread."""
+def reference(directory, partitions, *, normalize=True, backend=None):
+    """What a Dask result must equal bit for bit (issue #16): the in-process ``load(model).encode(all_texts)`` of the
+    whole corpus in one call, on this process's threads and the default batch size, whatever the partitioning."""
     model = fastattn.models.load(directory, backend=backend)
-    width = model.config.hidden_size
-    with threadpoolctl.threadpool_limits(1), fastattn.set_num_threads(1):
-        rows = [model.encode(list(p), batch_size=batch_size, normalize=normalize) for p in partitions if len(p)]
-    return np.concatenate([np.empty((0, width), np.float32), *rows])
+    texts = [t for p in partitions for t in p]
+    if not texts:
+        return np.empty((0, model.config.hidden_size), np.float32)
+    return model.encode(texts, normalize=normalize)
 
 
 def bag_of(partitions):
@@ -98,7 +98,7 @@ def compute(client, array):
 # Results: input order, chunks, bits
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", COMPILED)
-def test_cluster_result_is_the_in_process_encode_of_each_partition(bert, client, backend):
+def test_cluster_result_is_the_in_process_encode_whatever_the_partitioning(bert, client, backend):
     directory = bert[0]
     for sizes in ([300], [100, 100, 100], [1, 57, 0, 142, 37, 63]):
         partitions = split(TEXTS, sizes)
@@ -106,16 +106,7 @@ def test_cluster_result_is_the_in_process_encode_of_each_partition(bert, client,
         assert emb.dtype == np.float32 and emb.shape == (300, 48)
         assert emb.chunks == (tuple(sizes), (48,))
         got = compute(client, emb)
-        np.testing.assert_array_equal(got, reference(directory, partitions, batch_size=16, backend=backend))
-    # one partition is exactly the in-process encode of the whole corpus (on one thread)
-    model = fastattn.models.load(directory, backend=backend)
-    with threadpoolctl.threadpool_limits(1), fastattn.set_num_threads(1):
-        whole = model.encode(TEXTS, batch_size=16)
-    np.testing.assert_array_equal(
-        compute(client, fdask.encode(bag_of([TEXTS]), directory, batch_size=16, backend=backend)), whole
-    )
-    # other partitionings, and any thread count in process, agree to rounding
-    np.testing.assert_allclose(got, model.encode(TEXTS, batch_size=16), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(got, reference(directory, partitions, backend=backend))
 
 
 def test_series_input_keeps_the_row_order(bert, client):
@@ -126,7 +117,7 @@ def test_series_input_keeps_the_row_order(bert, client):
     assert len(partitions) == 4 and sum(partitions, []) == TEXTS[:120]
     emb = fdask.encode(series, directory, batch_size=8, normalize=False)
     assert emb.chunks[0] == tuple(len(p) for p in partitions)
-    np.testing.assert_array_equal(compute(client, emb), reference(directory, partitions, batch_size=8, normalize=False))
+    np.testing.assert_array_equal(compute(client, emb), reference(directory, partitions, normalize=False))
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
@@ -136,7 +127,7 @@ def test_local_schedulers_give_the_same_bits(bert, scheduler):
     emb = fdask.encode(bag_of(partitions), directory, batch_size=16)
     with dask.config.set(scheduler=scheduler, num_workers=1 if scheduler == "processes" else 2):
         got = emb.compute()
-    np.testing.assert_array_equal(got, reference(directory, partitions, batch_size=16))
+    np.testing.assert_array_equal(got, reference(directory, partitions))
 
 
 def test_each_task_runs_on_one_thread_and_fastattn_gets_its_threads_back(bert, monkeypatch):
@@ -175,7 +166,7 @@ def test_tasks_side_by_side_truncate_long_texts_on_their_own_tokenizers(bert):
             got = emb.compute()
     finally:
         sys.setswitchinterval(interval)
-    np.testing.assert_array_equal(got, reference(directory, partitions, batch_size=4))
+    np.testing.assert_array_equal(got, reference(directory, partitions))
 
 
 def test_model_is_loaded_once_per_worker_and_never_shipped(bert, client):
@@ -201,7 +192,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(bert, client):
     directory = bert[0]
     partitions = split(TEXTS, [25] * 12)
     emb = fdask.encode(bag_of(partitions).map_partitions(_slow), directory, batch_size=8)
-    want = reference(directory, partitions, batch_size=8)
+    want = reference(directory, partitions)
     pids = client.run(os.getpid)
     future = client.compute(emb)
     victim, deadline = None, time.monotonic() + 60
@@ -336,7 +327,7 @@ def test_embed_command_bad_corpus_files(bert, tmp_path, capsys):
 def test_embed_command_on_a_cluster_writes_rows_in_input_order(bert, client, tmp_path, capsys):
     directory = bert[0]
     (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
-    want = reference(directory, split(TEXTS, [64] * 4 + [44]), batch_size=8)
+    want = reference(directory, split(TEXTS, [64] * 4 + [44]))
     base = ["embed", "--model", directory, "--input", str(tmp_path / "in.txt"), "--batch-size", "8"]
     base += ["--partition-size", "64", "--scheduler", client.scheduler.address]
     assert main([*base, "--output", str(tmp_path / "out.npy")]) == 0
@@ -358,5 +349,5 @@ def test_embed_command_starts_its_own_local_cluster(bert, tmp_path, capsys):
     assert main([*args, *TEXTS[:5]]) == 0
     err = capsys.readouterr().err
     assert "Dask dashboard: http://" in err and "wrote 5 embeddings of width 48" in err
-    want = reference(directory, split(TEXTS[:5], [2, 2, 1]), batch_size=32, backend="cython")
+    want = reference(directory, split(TEXTS[:5], [2, 2, 1]), backend="cython")
     np.testing.assert_array_equal(np.load(out), want)

@@ -154,6 +154,50 @@ def test_split_qkv_and_merge_heads(backend, dtype):
     np.testing.assert_array_equal(merged, (qkv + bias)[..., : H * d])
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize(
+    "B,N,K,F,lengths",
+    [(5, 13, 7, 9, [13, 0, 5, 1, 12]), (3, 40, 48, 144, [40, 17, 33]), (2, 9, 0, 4, [9, 3]), (1, 128, 384, 1536, [99])],
+)
+def test_text_matmul_matches_oracle(backend, dtype, B, N, K, F, lengths):
+    rng = np.random.default_rng(B * N + K)
+    x = rng.standard_normal((B, N, K)).astype(dtype)
+    w = rng.standard_normal((K, F)).astype(dtype)
+    lengths = np.array(lengths, np.int64)
+    x_before = x.copy()
+    out = np.full((B, N, F), np.nan, dtype)
+    blocks(backend).text_matmul(out, x, w, lengths)
+    real = np.arange(N) < lengths[:, None]  # (B, N): the rows each sequence has
+    assert np.isnan(out[~real]).all()  # the padded rows are left as they were
+    want = np.full_like(out, np.nan)
+    _numpy_blocks.text_matmul(want, x, w, lengths)
+    check_against_oracle(out[real], lambda *_: want[real], (x, w))
+    np.testing.assert_array_equal(x, x_before)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_text_matmul_bits_are_each_sequence_own(compiled_backend, dtype):
+    """A sequence's rows have the same bits alone, in a batch of others, padded longer, on 1 or 2 threads."""
+    rng = np.random.default_rng(5)
+    K, F = 64, 96
+    w = rng.standard_normal((K, F)).astype(dtype)
+    seqs = [rng.standard_normal((n, K)).astype(dtype) for n in (1, 7, 30, 64, 65)]
+    alone = []
+    for s in seqs:
+        out = np.empty((1, len(s), F), dtype)
+        blocks(compiled_backend).text_matmul(out, s[None], w, np.array([len(s)], np.int64))
+        alone.append(out[0])
+    for threads, N in ((1, 65), (2, 70), (2, 128)):
+        x = np.zeros((len(seqs), N, K), dtype)
+        for b, s in enumerate(seqs[::-1]):
+            x[b, : len(s)] = s
+        out = np.empty((len(seqs), N, F), dtype)
+        with fastattn.set_num_threads(threads):
+            blocks(compiled_backend).text_matmul(out, x, w, np.array([len(s) for s in seqs[::-1]], np.int64))
+        for b, s in enumerate(seqs[::-1]):
+            np.testing.assert_array_equal(out[b, : len(s)], alone[len(seqs) - 1 - b])
+
+
 def test_block_kernel_modules_share_one_contract():
     names = [n for n in _numpy_blocks.__all__ if n not in ("get_num_threads", "set_num_threads")]
     for backend in BACKENDS:
@@ -482,6 +526,50 @@ def test_gpt2_generation_stops_at_eos_like_transformers(hf, gpt2, backend):
         ),
     )
     np.testing.assert_array_equal(out.sequences, ref.numpy())
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 17, 40, 100, 530])
+def test_attention_of_a_padded_sequence_has_its_own_bits(compiled_backend, dtype, n):
+    """The fused kernel's real rows for a sequence of n tokens are bitwise the same padded to any length (key bias
+    -inf on the padding) and in any batch: no key's score or weight depends on how many keys follow it."""
+    from fastattn import _call
+
+    kern = _backends.kernels(compiled_backend)
+    rng = np.random.default_rng(n)
+    H, d = 4, 12
+    q, k, v = (rng.standard_normal((H, n, d)).astype(dtype) for _ in range(3))
+
+    def run(N, B, b):
+        Q, K, V = (rng.standard_normal((B, H, N, d)).astype(dtype) for _ in range(3))  # other sequences: noise
+        bias = np.where(rng.random((B, N)) < 0.3, -np.inf, 0.0).astype(dtype)
+        Q[b, :, :n], K[b, :, :n], V[b, :, :n] = q, k, v
+        bias[b, :n], bias[b, n:] = 0, -np.inf
+        out = np.empty_like(Q)
+        _call.attention_into(kern, out, Q, K, V, 1 / np.sqrt(d), False, 0, None, bias)
+        return out[b, :, :n]
+
+    alone = run(n, 1, 0)
+    for N, B, b in [(n + 1, 1, 0), (n + 15, 2, 1), (n + 64, 3, 0), (max(n, 128) + 3, 5, 4)]:
+        np.testing.assert_array_equal(run(N, B, b), alone, err_msg=f"padded to {N}, sequence {b} of {B}")
+
+
+def test_a_text_embedding_has_the_same_bits_in_any_batch(bert, compiled_backend):
+    """encode's rows depend on their own text only: not on the batch it is sorted into, its padded length, the
+    batch size, the thread count, or the call it came in (fastattn.models.dask relies on it)."""
+    model = fastattn.models.load(bert[0], backend=compiled_backend)
+    rng = np.random.default_rng(8)
+    words = [w for w in _vocab_words(120) if w.isalpha()]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 45))) for _ in range(90)]  # 3 .. 40 tokens (truncated)
+    whole = model.encode(texts)
+    for batch_size, threads, cuts in ((1, 1, []), (7, 2, [20, 21, 60]), (64, 1, [45]), (90, 2, [])):
+        with fastattn.set_num_threads(threads):
+            parts = np.split(np.array(texts, dtype=object), cuts)
+            got = np.concatenate([model.encode(list(p), batch_size=batch_size) for p in parts])
+        np.testing.assert_array_equal(got, whole, err_msg=f"batch_size={batch_size}, threads={threads}, cuts={cuts}")
+    # token ids with right padding: the same bits as the texts' own
+    ids, mask, types = model.tokenizer.batch(texts[:5], max_length=40)
+    np.testing.assert_array_equal(model.encode(ids, attention_mask=mask, token_type_ids=types), whole[:5])
 
 
 def test_results_do_not_depend_on_thread_count(bert, compiled_backend, monkeypatch):

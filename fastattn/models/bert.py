@@ -284,23 +284,7 @@ class BertModel(Model):
         ids, squeeze = _ops.token_ids("input_ids", input_ids, cfg.vocab_size)
         B, N = ids.shape
         keep = _ops.keep_mask("attention_mask", attention_mask, (B, N))
-        types = (
-            np.zeros((B, N), np.int64)
-            if token_type_ids is None
-            else _ops.token_ids("token_type_ids", token_type_ids, cfg.type_vocab_size)[0]
-        )
-        if types.shape != (B, N):
-            raise ValueError(f"token_type_ids must have the shape of input_ids {(B, N)}, got {types.shape}")
-        if position_ids is None:
-            positions = self._position_ids(ids)
-        else:
-            positions = _ops.token_ids("position_ids", position_ids, cfg.max_positions)[0]
-            positions = np.ascontiguousarray(np.broadcast_to(positions, (B, N)))
-        if positions.size and positions.max() >= cfg.max_positions:
-            raise ValueError(
-                f"sequences of {N} tokens need position {int(positions.max())}, but the model has "
-                f"max_position_embeddings={cfg.max_positions}: truncate the input"
-            )
+        types, positions = self._types_and_positions(ids, token_type_ids, position_ids)
         hidden = self._encode(ids, keep, types, positions, output_hidden_states, backend)
         last = hidden[-1]
         pooler = None
@@ -318,6 +302,29 @@ class BertModel(Model):
 
     __call__ = forward
 
+    def _types_and_positions(self, ids, token_type_ids, position_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Checked token type ids and position ids (B, N), the defaults where None."""
+        cfg = self.config
+        B, N = ids.shape
+        types = (
+            np.zeros((B, N), np.int64)
+            if token_type_ids is None
+            else _ops.token_ids("token_type_ids", token_type_ids, cfg.type_vocab_size)[0]
+        )
+        if types.shape != (B, N):
+            raise ValueError(f"token_type_ids must have the shape of input_ids {(B, N)}, got {types.shape}")
+        if position_ids is None:
+            positions = self._position_ids(ids)
+        else:
+            positions = _ops.token_ids("position_ids", position_ids, cfg.max_positions)[0]
+            positions = np.ascontiguousarray(np.broadcast_to(positions, (B, N)))
+        if positions.size and positions.max() >= cfg.max_positions:
+            raise ValueError(
+                f"sequences of {N} tokens need position {int(positions.max())}, but the model has "
+                f"max_position_embeddings={cfg.max_positions}: truncate the input"
+            )
+        return types, positions
+
     def _position_ids(self, ids: np.ndarray) -> np.ndarray:
         cfg = self.config
         B, N = ids.shape
@@ -326,17 +333,30 @@ class BertModel(Model):
             return np.ascontiguousarray(np.cumsum(real, axis=1) * real + cfg.pad_token_id)
         return np.ascontiguousarray(np.broadcast_to(np.arange(N, dtype=np.int64), (B, N)))
 
-    def _encode(self, ids, keep, types, positions, keep_all: bool, backend) -> list[np.ndarray]:
+    def _encode(self, ids, keep, types, positions, keep_all: bool, backend, lengths=None) -> list[np.ndarray]:
         kern, blk = _ops.kernels(self.backend if backend is None else backend)
         with _ops.threads_for(ids.size * max(self.config.hidden_size, self.config.intermediate_size), kern, blk):
-            return self._layers(kern, blk, ids, keep, types, positions, keep_all)
+            return self._layers(kern, blk, ids, keep, types, positions, keep_all, lengths)
 
-    def _layers(self, kern, blk, ids, keep, types, positions, keep_all: bool) -> list[np.ndarray]:
+    def _layers(self, kern, blk, ids, keep, types, positions, keep_all: bool, lengths=None) -> list[np.ndarray]:
+        """The encoder's layers. With ``lengths`` (B,) (sentence embeddings: every mask a prefix of real tokens), the
+        matmuls run per sequence (``text_matmul``) on its real rows only, and the padded rows' states are left
+        meaningless (zeros, the pad tokens' embeddings): the bits of a sequence's real rows then depend on the
+        sequence alone, not on its batch, the padded length or the thread count."""
         cfg, w = self.config, self._w
         dt = self.dtype
         B, N = ids.shape
         T, D, H, d, F = B * N, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         eps = cfg.layer_norm_eps
+        per_text = lengths is not None
+        new = np.zeros if per_text else np.empty  # per sequence, the padded rows are never written: keep them finite
+
+        def matmul(out, a, weight):
+            if per_text:
+                blk.text_matmul(out.reshape(B, N, -1), a.reshape(B, N, -1), weight, lengths)
+            else:
+                np.matmul(a, weight, out=out)
+
         x = np.empty((T, D), dt)  # the residual stream, token by token
         if T:
             blk.embedding(
@@ -354,23 +374,23 @@ class BertModel(Model):
         bias = _ops.key_bias(keep, dt)  # (B, N): 0 or -inf per key, None without padding
         scale = 1.0 / math.sqrt(d)
         # work buffers, reused by every layer
-        qkv = np.empty((T, 3 * D), dt)
+        qkv = new((T, 3 * D), dt)
         q, k, v, o = (np.empty((B, H, N, d), dt) for _ in range(4))
         ctx = np.empty((T, D), dt)
-        proj = np.empty((T, D), dt)
+        proj = new((T, D), dt)
         h = np.empty((T, D), dt)
-        f = np.empty((T, F), dt)
+        f = new((T, F), dt)
         act = getattr(blk, _ops.activation_kernel(cfg.hidden_act, "hidden_act"))
         for layer in w["layers"] if T else ():
-            np.matmul(x, layer.w_qkv, out=qkv)  # (T, 3D)
+            matmul(qkv, x, layer.w_qkv)  # (T, 3D)
             blk.split_qkv(q, k, v, qkv.reshape(B, N, 3 * D), layer.b_qkv, 0)  # (B, H, N, d) each
             _call.attention_into(kern, o, q, k, v, scale, False, 0, None, bias)  # (B, H, N, d)
             blk.merge_heads(ctx.reshape(B, N, D), o)  # (T, D)
-            np.matmul(ctx, layer.w_o, out=proj)
+            matmul(proj, ctx, layer.w_o)
             blk.bias_residual_layer_norm(h, proj, layer.b_o, x, layer.ln1_g, layer.ln1_b, eps)
-            np.matmul(h, layer.w_in, out=f)  # (T, F)
+            matmul(f, h, layer.w_in)  # (T, F)
             act(f, f, layer.b_in)
-            np.matmul(f, layer.w_out, out=proj)  # (T, D)
+            matmul(proj, f, layer.w_out)  # (T, D)
             x = np.empty((T, D), dt) if keep_all else x  # the old stream is dead unless it is kept
             blk.bias_residual_layer_norm(x, proj, layer.b_out, h, layer.ln2_g, layer.ln2_b, eps)
             if keep_all:
@@ -433,8 +453,8 @@ class BertModel(Model):
             return self._encode_texts(inputs, mode, normalize, batch_size, backend)
         ids, squeeze = _ops.token_ids("inputs", inputs, self.config.vocab_size)
         keep = _ops.keep_mask("attention_mask", attention_mask, ids.shape)
-        out = self.forward(ids, attention_mask=keep, token_type_ids=token_type_ids, backend=backend)
-        pooled = _pool(out.last_hidden_state, np.ones(ids.shape, bool) if keep is None else keep, mode, normalize)
+        keep = np.ones(ids.shape, bool) if keep is None else keep
+        pooled = _pool(self._sentence_states(ids, keep, token_type_ids, backend), keep, mode, normalize)
         return pooled[0] if squeeze else pooled
 
     embed_sentences = encode
@@ -453,9 +473,23 @@ class BertModel(Model):
             chunk = order[start : start + batch_size]
             ids, mask, types = self.tokenizer.batch([texts[i] for i in chunk], max_length=limit)
             types = np.minimum(types, self.config.type_vocab_size - 1)
-            out = self.forward(ids, attention_mask=mask, token_type_ids=types, backend=backend)
-            result[chunk] = _pool(out.last_hidden_state, mask != 0, mode, normalize)
+            result[chunk] = _pool(self._sentence_states(ids, mask != 0, types, backend), mask != 0, mode, normalize)
         return result[0] if single else result
+
+    def _sentence_states(self, ids, keep, token_type_ids, backend) -> np.ndarray:
+        """The last hidden states (B, N, D) that ``encode`` pools: their real rows (``keep``) are meaningful only.
+
+        When every mask is a prefix (padding on the right, as the tokenizer pads), the matmuls run per sequence on
+        its real tokens (``_layers``' ``lengths``): the embedding of a text then has the same bits whatever the
+        batch it is in, its padded length and the thread count, so a corpus gives the same rows however it is
+        split (``fastattn.models.dask``). Other masks take the forward pass."""
+        B, N = ids.shape
+        lengths = keep.sum(axis=1, dtype=np.int64)
+        if not (keep == (np.arange(N) < lengths[:, None])).all():
+            out = self.forward(ids, attention_mask=keep, token_type_ids=token_type_ids, backend=backend)
+            return out.last_hidden_state
+        types, positions = self._types_and_positions(ids, token_type_ids, None)
+        return self._encode(ids, keep, types, positions, False, backend, lengths)[-1]
 
 
 def _pool(hidden: np.ndarray, keep: np.ndarray, mode: str, normalize: bool) -> np.ndarray:

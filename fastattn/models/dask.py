@@ -19,20 +19,26 @@ Threads
     Every task runs on one thread: fastattn's kernels (``fastattn.set_num_threads(1)``) and the BLAS and OpenMP
     libraries (threadpoolctl) alike, and a worker with ``nthreads`` threads embeds ``nthreads`` partitions at once
     (the processes scheduler: one partition per process). So the workers of a machine use its cores without
-    oversubscribing them, and, above all, the bits of the result do not depend on where a partition ran.
+    oversubscribing them.
 
-Reproducibility: the rows of partition ``p`` are, bit for bit::
+Reproducibility: the result is, bit for bit, the in-process call on the whole corpus::
 
-    with threadpoolctl.threadpool_limits(1), fastattn.set_num_threads(1):
-        fastattn.models.load(model, backend=backend).encode(texts_of_p, batch_size=batch_size, normalize=normalize)
+    fastattn.models.load(model, backend=backend).encode(all_texts, normalize=normalize)
 
-    whatever the scheduler, the number of workers, their threads, and a worker dying mid-job (its partitions are
-    recomputed, none lost or duplicated). A corpus in one partition gives exactly that in-process call on the whole
-    corpus. Different partitionings agree to rounding (about 1e-7 on unit vectors), not bit for bit: ``encode``
-    sorts the texts of a call by length and batches them, and the bits of a row depend on its batch. OpenBLAS's
-    matrix product gives a row different bits depending on the row's place in the matrix (its edge kernels) and on
-    the BLAS thread count, and the NumPy backend's sums depend on the padded length. Hence one BLAS thread per task,
-    and a fixed partitioning for bitwise-reproducible output.
+    whatever the partitioning, the batch size, the scheduler, the number of workers and their threads, and a worker
+    dying mid-job (its partitions are recomputed, none lost or duplicated). That holds because ``encode`` gives a
+    text the same bits in any batch (``BertModel.encode``): its matmuls run per text on its real tokens, one
+    single-threaded BLAS call each (the ``text_matmul`` kernel: OpenBLAS gives a row other bits by its place in a
+    matrix and by the thread split, so one matrix per text), and the attention and block kernels compute a row
+    the same way whatever the padded length and the thread count. Conditions: one of the compiled backends (the
+    NumPy oracle's sums depend on the padded length), their default tile products (``FASTATTN_TILES=micro``; the
+    ``blas`` and ``loops`` products are not padding-invariant), SciPy installed (its BLAS is the one a kernel can
+    call on one thread without touching NumPy's; without it the per-text matmuls run on NumPy's BLAS threads, whose
+    count then shows in the bits), the same attention plan (``fastattn.plan_info()``: the built-in plans are the same
+    for every thread count, but a plan tuned by ``python -m fastattn tune`` is per thread count, and another key
+    tile regroups a long text's softmax sums), and the same machine code: the same fastattn, NumPy and SciPy
+    builds and an instruction set the workers share (a worker on another CPU may pick another ISA build or BLAS
+    kernel).
 
 Errors are raised on the client by ``encode`` itself, before any embedding: an item that is not a string (named
 by its position in the corpus), a model path that cannot be loaded on a worker (named, with the worker), a model

@@ -518,6 +518,52 @@ def linear(floating[:, ::1] out, const floating[:, ::1] x, const floating[:, ::1
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# text_matmul: one single-threaded BLAS call per sequence (SciPy's sgemm/dgemm, taken from its capsules by
+# blocks.py), the sequences spread over the threads. The bits of a row then depend on its own sequence only: OpenBLAS
+# gives a row other bits by its place in the matrix (edge kernels) and by the thread split, and here both are the
+# sequence's own (its length, its rows), whatever else is in the batch and however many threads run.
+# ----------------------------------------------------------------------------------------------------------------
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a, int *lda,
+                         float *b, int *ldb, float *beta, float *c, int *ldc) noexcept nogil
+ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k, double *alpha, double *a,
+                         int *lda, double *b, int *ldb, double *beta, double *c, int *ldc) noexcept nogil
+
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
+cdef sgemm_t _sgemm = NULL
+cdef dgemm_t _dgemm = NULL
+cdef char _NO_TRANS = b"N"
+
+
+def _set_gemm(s_cap, d_cap):
+    """Take sgemm and dgemm from scipy.linalg.cython_blas's capsules (blocks.py does, once)."""
+    global _sgemm, _dgemm
+    _sgemm = <sgemm_t>PyCapsule_GetPointer(s_cap, PyCapsule_GetName(s_cap))
+    _dgemm = <dgemm_t>PyCapsule_GetPointer(d_cap, PyCapsule_GetName(d_cap))
+
+
+def _text_matmul_blas(floating[:, :, ::1] out, const floating[:, :, ::1] x, const floating[:, ::1] w,
+                      const int64_t[::1] lengths):
+    """out[b, :n] = x[b, :n] @ w (row-major) for n = lengths[b]: column-major, out[b]ᵀ (F, n) = wᵀ (F, K) · x[b]ᵀ."""
+    cdef Py_ssize_t B = x.shape[0], b
+    cdef int K = <int>x.shape[2], F = <int>w.shape[1], n
+    cdef float one_f = 1.0, zero_f = 0.0
+    cdef double one_d = 1.0, zero_d = 0.0
+    if _sgemm == NULL or _dgemm == NULL:
+        raise RuntimeError("text_matmul: BLAS not loaded (blocks._gemm_ready)")
+    with nogil:
+        for b in prange(B, schedule="dynamic", num_threads=_n_threads):
+            n = <int>lengths[b]
+            if n > 0:
+                if floating is float:
+                    _sgemm(&_NO_TRANS, &_NO_TRANS, &F, &n, &K, &one_f, <float*>&w[0, 0], &F,
+                           <float*>&x[b, 0, 0], &K, &zero_f, &out[b, 0, 0], &F)
+                else:
+                    _dgemm(&_NO_TRANS, &_NO_TRANS, &F, &n, &K, &one_d, <double*>&w[0, 0], &F,
+                           <double*>&x[b, 0, 0], &K, &zero_d, &out[b, 0, 0], &F)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Backward kernels (training). Contract: the backward section of fastattn/_numpy_blocks.py.
 # Sums over rows (grad_gamma, grad_beta, grad_bias) run in parallel over blocks of COLS columns, each column summed
 # over the rows in increasing order in double: no races, bitwise the same for any thread count.

@@ -239,7 +239,6 @@ cdef inline double exp_shift_sum(floating* row, Py_ssize_t n, double ref) noexce
     cdef Py_ssize_t j, u
     cdef Py_ssize_t step = 4 * LANES
     cdef Py_ssize_t ngroup = n - n % step if floating is float else 0
-    cdef double total = 0.0
     for u in range(LANES):
         acc[u] = 0
     for j in range(0, ngroup // step):      # float32: groups of four (see above)
@@ -253,19 +252,38 @@ cdef inline double exp_shift_sum(floating* row, Py_ssize_t n, double ref) noexce
             row[j * step + 2 * LANES + u] = p2
             row[j * step + 3 * LANES + u] = p3
             acc[u] = acc[u] + <double>((p + p1) + (p2 + p3))
+    # The rest: float32, one last group of four whose entries past n count as 0; float64, entry j into lane
+    # j % LANES. Either way entry j lands in the same partial sum, in the same order, whatever n is: a row's sum
+    # (and so a padded sequence's attention) does not change when -inf entries (exact zeros) follow its last one.
     j = ngroup
-    while j + LANES <= n:
-        for u in range(LANES):
+    if floating is float:
+        if j < n:
+            for u in range(LANES):
+                p = _exp_neg(row[j + u] - m) if j + u < n else 0
+                p1 = _exp_neg(row[j + LANES + u] - m) if j + LANES + u < n else 0
+                p2 = _exp_neg(row[j + 2 * LANES + u] - m) if j + 2 * LANES + u < n else 0
+                p3 = _exp_neg(row[j + 3 * LANES + u] - m) if j + 3 * LANES + u < n else 0
+                if j + u < n:
+                    row[j + u] = p
+                if j + LANES + u < n:
+                    row[j + LANES + u] = p1
+                if j + 2 * LANES + u < n:
+                    row[j + 2 * LANES + u] = p2
+                if j + 3 * LANES + u < n:
+                    row[j + 3 * LANES + u] = p3
+                acc[u] = acc[u] + <double>((p + p1) + (p2 + p3))
+    else:
+        while j + LANES <= n:
+            for u in range(LANES):
+                p = _exp_neg(row[j + u] - m)
+                row[j + u] = p
+                acc[u] = acc[u] + <double>p
+            j += LANES
+        for u in range(n - j):
             p = _exp_neg(row[j + u] - m)
             row[j + u] = p
             acc[u] = acc[u] + <double>p
-        j += LANES
-    while j < n:
-        p = _exp_neg(row[j] - m)
-        row[j] = p
-        total += p
-        j += 1
-    return total + _sum_lanes(acc)
+    return _sum_lanes(acc)
 
 
 cdef extern from "<math.h>" nogil:

@@ -45,6 +45,33 @@ FA_ALWAYS_INLINE void FA_NAME(fa_block_rows)(const int rows, const int nv, ptrdi
     }
 }
 
+/* The last columns, fewer than a vector (0 < cols < W): the block of fa_block with one vector whose lanes past
+ * cols are zero, loaded and stored element by element (never past column N of b or c). Every column of the product
+ * thus gets the same vector FMAs, wherever it lies: a column's bits do not depend on N (a key's score does not
+ * depend on how many keys follow it, which is what makes a padded sequence's attention equal its own). */
+FA_ALWAYS_INLINE void FA_NAME(fa_block_tail)(const int mr, const int cols, ptrdiff_t K, FA_T alpha, const FA_T *a,
+                                             ptrdiff_t a_rs, ptrdiff_t a_cs, const FA_T *b, ptrdiff_t ldb, FA_T *c,
+                                             ptrdiff_t ldc)
+{
+    enum { W = FA_VEC_BYTES / sizeof(FA_T) };
+    FA_V acc[FA_MR];
+    union { FA_V v; FA_T x[W]; } bv, out;
+    for (int r = 0; r < mr; r++)
+        acc[r] = (FA_V){0};
+    bv.v = (FA_V){0};
+    for (ptrdiff_t k = 0; k < K; k++) {
+        for (int t = 0; t < cols; t++)
+            bv.x[t] = b[k * ldb + t];
+        for (int r = 0; r < mr; r++)
+            acc[r] += a[r * a_rs + k * a_cs] * bv.v;
+    }
+    for (int r = 0; r < mr; r++) {
+        out.v = acc[r] * alpha;
+        for (int t = 0; t < cols; t++)
+            c[r * ldc + t] = out.x[t];
+    }
+}
+
 /* c = alpha * (a @ b): c (M x N, row stride ldc), a (M x K, element strides a_rs, a_cs), b (K x N, row stride ldb).
  * Column blocks outside, row blocks inside: a K x (FA_NV*W) panel of b is reused by every row block from L1. */
 static void FA_NAME(fa_tile_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, FA_T alpha, const FA_T *a, ptrdiff_t a_rs,
@@ -67,11 +94,13 @@ static void FA_NAME(fa_tile_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, FA_T al
         FA_NAME(fa_block_rows)((int)(M - m_main), 1, K, alpha, a + m_main * a_rs, a_rs, a_cs, b + j0, ldb,
                                c + m_main * ldc + j0, ldc);
     }
-    for (ptrdiff_t i = 0; i < M; i++) /* the last columns, fewer than a vector: plain loops */
-        for (ptrdiff_t j = n_vec; j < N; j++) {
-            FA_T s = 0;
-            for (ptrdiff_t k = 0; k < K; k++)
-                s += a[i * a_rs + k * a_cs] * b[k * ldb + j];
-            c[i * ldc + j] = alpha * s;
-        }
+    if (n_vec < N) { /* the last columns, fewer than a vector: the same vector arithmetic, lanes past N zero */
+        const int cols = (int)(N - n_vec);
+        for (i0 = 0; i0 < m_main; i0 += FA_MR)
+            FA_NAME(fa_block_tail)(FA_MR, cols, K, alpha, a + i0 * a_rs, a_rs, a_cs, b + n_vec, ldb,
+                                   c + i0 * ldc + n_vec, ldc);
+        for (i0 = m_main; i0 < M; i0++) /* rows below the last full block: one at a time */
+            FA_NAME(fa_block_tail)(1, cols, K, alpha, a + i0 * a_rs, a_rs, a_cs, b + n_vec, ldb,
+                                   c + i0 * ldc + n_vec, ldc);
+    }
 }

@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from . import _config
 from ._config import HELPER, PARALLEL, get_num_threads, set_local_threads, set_num_threads
 from ._math import fast_exp, maxnum
 
@@ -57,7 +58,7 @@ __all__ = [
     "silu_mul",
     "split_qkv_rope",
     "linear",
-
+    "text_matmul",
     "get_num_threads",
     "set_num_threads",
     "set_local_threads",
@@ -488,6 +489,34 @@ def _linear(out, x, w):
 
 def linear(out, x, w):
     _linear(out, x, w)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _text_matmul(out, x, w, lengths):
+    """out[b, :n] = x[b, :n] @ w: one BLAS call per sequence (Numba's np.dot, i.e. SciPy's BLAS, single-threaded
+    by ``_config.limit_scipy_blas_threads``), the sequences spread over the threads. No fastmath: the products are
+    BLAS's, nothing here to reassociate."""
+    for b in prange(x.shape[0]):
+        n = lengths[b]
+        if n > 0:
+            np.dot(x[b, :n], w, out[b, :n])
+
+
+def text_matmul(out, x, w, lengths):
+    """The per-sequence matmul (contract: ``fastattn._numpy_blocks``). Without SciPy (Numba's ``np.dot`` needs its
+    BLAS) a loop of NumPy matmuls: still one call per sequence, but on NumPy's BLAS threads, whose count then shows
+    in the bits."""
+    if x.shape[0] == 0 or x.shape[2] == 0 or w.shape[1] == 0:
+        for b in range(x.shape[0]):
+            out[b, : lengths[b]] = 0
+        return
+    if not _config.HAVE_SCIPY:
+        for b in range(x.shape[0]):
+            np.matmul(x[b, : lengths[b]], w, out=out[b, : lengths[b]])
+        return
+    _config.limit_scipy_blas_threads()
+    _config.use_num_threads()
+    _config.launch(_text_matmul, out, x, w, lengths)
 
 
 

@@ -143,6 +143,37 @@ def encoder_contenders(directory, hf_model, B, N, padded, backends):
     return out
 
 
+def embedding_contenders(directory, hf_model, B, N, padded, backends):
+    """Sentence embeddings of one batch (mean pooling over the real tokens, L2-normalised, as sentence-transformers
+    does): transformers' forward pass and the pooling in torch, against fastattn's ``encode`` (its per-text
+    matmuls skip the padding, see ``BertModel.encode``); each checked against transformers'."""
+    import torch
+
+    import fastattn.models
+
+    ids, mask = encoder_batch(B, N, padded, hf_model.config.vocab_size)
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def peer():
+        with torch.inference_mode():
+            hidden = hf_model(t_ids, attention_mask=t_mask).last_hidden_state
+            m = t_mask[..., None].to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    ref = peer().numpy()
+    out = [(PEER, peer, None)]
+    for backend in backends:
+        model = fastattn.models.load(directory, backend=backend)
+
+        def fn(model=model):
+            return model.encode(ids, attention_mask=mask, pooling="mean", normalize=True)
+
+        err = float(np.abs(fn() - ref).max())  # unit vectors: absolute is relative
+        out.append((backend, fn, err))
+    return out
+
+
 def decoder_contenders(directory, hf_model, B, prompt, new, backends):
     """(name, fn) pairs generating ``new`` tokens greedily, and whether each equals transformers' generation."""
     import torch
@@ -312,6 +343,16 @@ def main(argv=None) -> int:
                     rows,
                     "throughput",
                 )
+                pairs = embedding_contenders(directory, hf_model, B, N, padded, backends)
+                contenders = [_timing.Contender(name, fn) for name, fn, _ in pairs]
+                _timing.run_interleaved(contenders, rounds=args.rounds, budget_s=args.budget, min_rounds=2)
+                checks = {name: ("" if err is None else f"max err {err:.1e}") for name, _, err in pairs}
+                rows = [
+                    (c.name, c.stats(), f"{B / c.stats().median:,.0f} texts/s", checks[c.name])
+                    for c in contenders
+                    if c.ok
+                ]
+                _table(f"sentence embeddings (encode), batch {B} x {N}, padded {padded:.0%}", rows, "throughput")
         if "decoder" not in args.skip:
             directory = os.path.join(tmp, "gpt2")
             hf_model = build_decoder(directory, args.grid)

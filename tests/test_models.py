@@ -169,9 +169,13 @@ def test_text_matmul_matches_oracle(backend, dtype, B, N, K, F, lengths):
     blocks(backend).text_matmul(out, x, w, lengths)
     real = np.arange(N) < lengths[:, None]  # (B, N): the rows each sequence has
     assert np.isnan(out[~real]).all()  # the padded rows are left as they were
-    want = np.full_like(out, np.nan)
-    _numpy_blocks.text_matmul(want, x, w, lengths)
-    check_against_oracle(out[real], lambda *_: want[real], (x, w))
+
+    def oracle(x_, w_):
+        want = np.full(out.shape, np.nan, x_.dtype)
+        _numpy_blocks.text_matmul(want, x_, w_, lengths)
+        return want[real]
+
+    check_against_oracle(out[real], oracle, (x, w))
     np.testing.assert_array_equal(x, x_before)
 
 

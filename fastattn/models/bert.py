@@ -2,13 +2,15 @@
 
 One block, post-LayerNorm, as Hugging Face's ``BertLayer`` computes it, with the kernel that runs each line::
 
-    qkv = x @ W_qkv                                    BLAS (Q, K and V weights concatenated at load)
+    qkv = x @ W_qkv                                    text_matmul (Q, K and V weights concatenated at load)
     q, k, v = heads(qkv + b_qkv)                       split_qkv
     o = softmax(q kᵀ / √d + padding) v                 the fused attention kernel, padding as a key bias
-    h = LayerNorm(merge(o) @ W_o + b_o + x)            BLAS, merge_heads, bias_residual_layer_norm
-    x' = LayerNorm(GELU(h @ W_in + b_in) @ W_out + b_out + h)     BLAS, bias_gelu, BLAS, bias_residual_layer_norm
+    h = LayerNorm(merge(o) @ W_o + b_o + x)            text_matmul, merge_heads, bias_residual_layer_norm
+    x' = LayerNorm(GELU(h @ W_in + b_in) @ W_out + b_out + h)     text_matmul, bias_gelu, text_matmul, bias_res...
 
-The embeddings are one gather kernel (word + position + token type rows) and a LayerNorm.
+The matmuls run on the backend's own register-blocked micro-kernel (``text_matmul``), not BLAS: it gives a row the
+same bits wherever the row sits, so a text's embedding is the same in any batch (``encode``), and it skips the
+padding. The embeddings are one gather kernel (word + position + token type rows) and a LayerNorm.
 """
 
 from __future__ import annotations
@@ -339,8 +341,9 @@ class BertModel(Model):
             return self._layers(kern, blk, ids, keep, types, positions, keep_all, lengths)
 
     def _layers(self, kern, blk, ids, keep, types, positions, keep_all: bool, lengths=None) -> list[np.ndarray]:
-        """The encoder's layers. With ``lengths`` (B,) (sentence embeddings: every mask a prefix of real tokens), the
-        matmuls run per sequence (``text_matmul``) on its real rows only, and the padded rows' states are left
+        """The encoder's layers. The matmuls run on the backend's ``text_matmul`` (its own micro-kernel), which gives
+        a row the same bits wherever it sits; with ``lengths`` (B,) (sentence embeddings: every mask a prefix of
+        real tokens) only each sequence's real rows are multiplied, and the padded rows' states are left
         meaningless (zeros, the pad tokens' embeddings): the bits of a sequence's real rows then depend on the
         sequence alone, not on its batch, the padded length or the thread count."""
         cfg, w = self.config, self._w
@@ -348,14 +351,11 @@ class BertModel(Model):
         B, N = ids.shape
         T, D, H, d, F = B * N, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         eps = cfg.layer_norm_eps
-        per_text = lengths is not None
-        new = np.zeros if per_text else np.empty  # per sequence, the padded rows are never written: keep them finite
+        new = np.empty if lengths is None else np.zeros  # rows past lengths are never written: keep them finite
+        rows = np.full(B, N, np.int64) if lengths is None else lengths
 
-        def matmul(out, a, weight):
-            if per_text:
-                blk.text_matmul(out.reshape(B, N, -1), a.reshape(B, N, -1), weight, lengths)
-            else:
-                np.matmul(a, weight, out=out)
+        def matmul(out, a, weight):  # the backend's micro-kernel: a row's bits are its own (see text_matmul)
+            blk.text_matmul(out.reshape(B, N, -1), a.reshape(B, N, -1), weight, rows)
 
         x = np.empty((T, D), dt)  # the residual stream, token by token
         if T:

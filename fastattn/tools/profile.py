@@ -53,6 +53,8 @@ list with one entry per backend:
   names), ``median_s``, ``p25_s``, ``p75_s``, ``first_call_s``, ``replaced_s`` (median time of what it replaces),
   ``speedup``, ``flop``, ``bytes``, ``gflops``, ``gbps``};
 - ``fused_pipeline_estimate_s``: the measured total with both fused kernels in place of what they replace;
+- ``fused_phases``: {``available``, ``reason``, ``calls``, ``phases``: each {``phase`` (scores product, softmax
+  pass, P·V product, fold into output), ``ticks`` (clock ticks summed over threads), ``share``}} (Cython only);
 - ``backward``: {``stages`` (as the
   forward's: weighted_sum_backward, softmax_backward, scores_backward), ``stage_sum_s``, ``fused`` (as an
   alternative: name ``fused_attention_backward``, kernel ``attention_backward``, ``replaces`` the three stages)}.
@@ -398,6 +400,7 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
     )
     deviation = stage_sum / total.median - 1.0
     backward = _profile_backward(kern, pipe, st, repeats)
+    phases = _fused_phases(name, kern, pipe, st, repeats)
     return {
         "backend": name,
         "status": "ok",
@@ -419,7 +422,31 @@ def profile_backend(name: str, ids, params, *, causal: bool, repeats: int, margi
         "alternatives": alternatives,
         "fused_pipeline_estimate_s": fused_estimate,
         "backward": backward,
+        "fused_phases": phases,
     }
+
+
+def _fused_phases(name: str, kern, pipe, st, repeats: int) -> dict:
+    """Inside the fused forward: the clock ticks of its phases (tile products, softmax pass, fold), summed over the
+    threads, from the kernel's own counters (the Cython backend's ``phase_profile``). The Numba kernels have no
+    counters (``available`` False, with the reason); they run the same algorithm."""
+    import math
+
+    from .. import _call
+
+    counters = getattr(kern, "phase_profile", None)
+    if counters is None:
+        return {"available": False, "reason": f"the {name} kernels have no phase counters", "phases": []}
+    d = pipe.shape[4]
+    counters(True)
+    try:
+        for _ in range(repeats):
+            _call.attention(kern, st.q, st.k, st.v, 1.0 / math.sqrt(d), pipe.causal)
+    finally:
+        ticks = counters(False)
+    total = sum(ticks.values())
+    phases = [{"phase": p, "ticks": t, "share": t / total if total else None} for p, t in ticks.items()]
+    return {"available": True, "reason": None, "phases": phases, "calls": repeats}
 
 
 def _profile_backward(kern, pipe, st, repeats: int) -> dict:
@@ -576,6 +603,13 @@ def format_report(doc: dict) -> str:
             f"  {'fused backward':<16} {a['kernel']:<22} {format_seconds(a['median_s']):>10} {'':>7} {rate(a):>14} "
             f"{format_seconds(a['first_call_s']):>11}  instead of the three ({a['speedup']:.2f}x)"
         )
+        ph = b["fused_phases"]
+        if not ph["available"]:
+            lines.append(f"  inside the fused attention: {ph['reason']}")
+            continue
+        lines.append(f"  inside the fused attention (its phase counters, {ph['calls']} calls, all threads):")
+        for x in ph["phases"]:
+            lines.append(f"  {x['phase']:<39} {'':>10} {100 * (x['share'] or 0):>6.1f}%")
     return "\n".join(lines)
 
 

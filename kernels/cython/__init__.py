@@ -77,8 +77,8 @@ def _bind() -> None:
         owner = next((m for m in builds.values() if hasattr(m, op.name)), None)
         if owner is not None:
             globals()[op.name] = getattr(owner, op.name)
-    globals()["blas_status"] = builds["_attention"].blas_status
-    globals()["tile_products"] = builds["_attention"].tile_products
+    for name in ("blas_status", "tile_products", "phase_profile"):
+        globals()[name] = getattr(builds["_attention"], name)
 
 
 try:
@@ -106,7 +106,7 @@ except ImportError as _exc:
         kernel.__name__ = kernel.__qualname__ = name
         return kernel
 
-    for _name in [op.name for op in of_families(PIPELINE)] + ["blas_status", "tile_products"]:
+    for _name in [op.name for op in of_families(PIPELINE)] + ["blas_status", "tile_products", "phase_profile"]:
         globals()[_name] = _unavailable(_name)
     del _name
 

@@ -5,6 +5,49 @@
 cdef Py_ssize_t _DIAG_ROWS = 64   # on the causal diagonal, query rows go in groups of this many
 
 
+# Phase counters (``phase_profile``): when on, each block of the fused forward adds the clock ticks of its four
+# phases to these totals, summed over the threads: the scores' tile product, the online softmax pass (masks, max,
+# exp, sum, the rescale factors), the P·V tile product, and folding P·V into the running output. Off (the default)
+# it costs one test of a global per block. The clock is the time-stamp counter on x86 (constant rate: shares are
+# shares of time), else a monotonic clock in nanoseconds.
+cdef extern from *:
+    """
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <x86intrin.h>
+    static inline unsigned long long fa_ticks(void) { return __rdtsc(); }
+    #else
+    #include <time.h>
+    static inline unsigned long long fa_ticks(void) {
+        struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+        return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+    }
+    #endif
+    static unsigned long long fa_phase_ticks[4] = {0, 0, 0, 0};
+    static int fa_phase_on = 0;
+    static inline void fa_phase_add(int phase, unsigned long long ticks) {
+        __atomic_fetch_add(&fa_phase_ticks[phase], ticks, __ATOMIC_RELAXED);
+    }
+    """
+    unsigned long long fa_ticks() noexcept nogil
+    unsigned long long fa_phase_ticks[4]
+    int fa_phase_on
+    void fa_phase_add(int phase, unsigned long long ticks) noexcept nogil
+
+PHASES = ("scores product", "softmax pass", "P·V product", "fold into output")
+
+
+def phase_profile(on=None):
+    """Phase counters of the fused forward: ``phase_profile(True)`` zeroes and starts them, ``phase_profile(False)``
+    stops them; returns the ticks so far per phase (a dict in ``PHASES`` order, summed over threads)."""
+    global fa_phase_on
+    if on is not None:
+        if on:
+            for i in range(4):
+                fa_phase_ticks[i] = 0
+        fa_phase_on = 1 if on else 0
+    return {name: int(fa_phase_ticks[i]) for i, name in enumerate(PHASES)}
+
+
 cdef inline floating _fabs(floating x) noexcept nogil:
     if floating is float:
         return fabsf(x)
@@ -117,14 +160,25 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
     cdef double* l = t.l + r0
     cdef double* keep = t.keep + r0
     cdef double* add = t.add + r0
+    cdef Py_ssize_t nvis
+    cdef bint timed = fa_phase_on != 0
+    cdef unsigned long long t0 = fa_ticks() if timed else 0, t1
     # 1. scores: s[r, c] = scale·⟨q[r], k[j0 + c]⟩ + masks
     _gemm_nt(nq, nk, E, scale, q, E, k + j0 * E, E, s, nk, <floating*>t.bt, tiles)
+    if timed:
+        t1 = fa_ticks()
+        fa_phase_add(0, t1 - t0)
+        t0 = t1
     # 2. online softmax: s[r] becomes exp(s - ref); m, l and the two factors of step 3 follow
     for r in range(nq):
         srow = s + r * nk
-        if _row_needs_mask(i0 + r, j0, nk, mk):
-            _mask_row(srow, nk, b, h, i0 + r, j0, mk)
-        tile_max = row_max(srow, nk)
+        nvis = nk                       # causal: the row sees keys j0 .. j0 + nvis - 1 of the tile, the rest get p = 0
+        if mk.causal:
+            nvis = i0 + r + mk.causal_offset + 1 - j0
+            nvis = 0 if nvis < 0 else (nk if nvis > nk else nvis)
+        if _row_needs_mask(i0 + r, j0, nvis, mk):
+            _mask_row(srow, nvis, b, h, i0 + r, j0, mk)
+        tile_max = row_max(srow, nvis)
         m_old = m[r]
         m_new = tile_max if tile_max > m_old else m_old
         if m_new == -INFINITY:          # nothing visible yet: exp(s - 0) is 0 (or NaN for a NaN score)
@@ -138,20 +192,32 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
             else:
                 alpha = exp(m_old - m_new)
         l_old = l[r]
-        l_new = l_old * alpha + exp_shift_sum(srow, nk, ref)
+        l_new = l_old * alpha + exp_shift_sum(srow, nvis, ref)
+        for c in range(nvis, nk):       # the hidden keys: no max, no exp, a zero weight for the P·V product
+            srow[c] = 0
         l[r] = l_new
         m[r] = m_new
         if l_new != 0.0:                # (NaN included: the row stays NaN)
             keep[r] = l_old * alpha / l_new
             add[r] = up / l_new
         if up != 1.0:                   # huge V: p / up for the gemm (rare)
-            for c in range(nk):
+            for c in range(nvis):
                 srow[c] = srow[c] * down
+    if timed:
+        t1 = fa_ticks()
+        fa_phase_add(1, t1 - t0)
+        t0 = t1
     # 3. weighted sum of this tile folded into the running average (rows with l = 0 saw no key: acc stays 0)
     if tiles == TILES_LOOPS:
         _fold_pv_loops(acc, s, nq, nk, v + j0 * Ev, Ev, keep, add, l)
+        if timed:
+            fa_phase_add(2, fa_ticks() - t0)   # the loops multiply and fold in one pass: all of it as P·V
         return
     _gemm_nn(nq, Ev, nk, s, nk, v + j0 * Ev, Ev, pv, Ev, NULL, tiles)
+    if timed:
+        t1 = fa_ticks()
+        fa_phase_add(2, t1 - t0)
+        t0 = t1
     for r in range(nq):
         if l[r] != 0.0:
             kr = keep[r]
@@ -160,6 +226,8 @@ cdef void _attend_block(double* acc, floating* pv, const floating* q, const floa
             pvrow = pv + r * Ev
             for c in range(Ev):
                 arow[c] = arow[c] * kr + pvrow[c] * ar
+    if timed:
+        fa_phase_add(3, fa_ticks() - t0)
 
 
 cdef void _attend_query_tile(floating* o, floating* lse, const floating* q, const floating* k, const floating* v,

@@ -518,49 +518,59 @@ def linear(floating[:, ::1] out, const floating[:, ::1] x, const floating[:, ::1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# text_matmul: one single-threaded BLAS call per sequence (SciPy's sgemm/dgemm, taken from its capsules by
-# blocks.py), the sequences spread over the threads. The bits of a row then depend on its own sequence only: OpenBLAS
-# gives a row other bits by its place in the matrix (edge kernels) and by the thread split, and here both are the
-# sequence's own (its length, its rows), whatever else is in the batch and however many threads run.
+# text_matmul: the real rows of each sequence times w, on the micro-kernel of the fused attention (_tile_gemm.h),
+# which computes every element the same way wherever its row and column sit (the same vector FMAs, k in order): a
+# row's bits depend on that row and w only, not on its batch, its place, the padding or the thread count (OpenBLAS
+# gives a row other bits by its place in a matrix and by the thread split). Work items: blocks of _TM_ROWS token
+# rows x _TM_COLS output columns, the column panels outermost so that a thread's items reuse w's panel (K x
+# _TM_COLS) from its L2 cache; within an item, each sequence's run of real rows is one tile product. The Numba twin
+# (kernels/numba/blocks.py) measured 96 x 128 within a few % of the best shape tried on a 2-core AMD EPYC (Zen 5).
 # ----------------------------------------------------------------------------------------------------------------
-ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a, int *lda,
-                         float *b, int *ldb, float *beta, float *c, int *ldc) noexcept nogil
-ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k, double *alpha, double *a,
-                         int *lda, double *b, int *ldb, double *beta, double *c, int *ldc) noexcept nogil
+cdef extern from "_tile_gemm.h" nogil:
+    void fa_tile_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, const float* a, Py_ssize_t a_rs,
+                        Py_ssize_t a_cs, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc)
+    void fa_tile_gemm_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, const double* a, Py_ssize_t a_rs,
+                        Py_ssize_t a_cs, const double* b, Py_ssize_t ldb, double* c, Py_ssize_t ldc)
 
-from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-
-cdef sgemm_t _sgemm = NULL
-cdef dgemm_t _dgemm = NULL
-cdef char _NO_TRANS = b"N"
+cdef Py_ssize_t _TM_ROWS = 96
+cdef Py_ssize_t _TM_COLS = 128
 
 
-def _set_gemm(s_cap, d_cap):
-    """Take sgemm and dgemm from scipy.linalg.cython_blas's capsules (blocks.py does, once)."""
-    global _sgemm, _dgemm
-    _sgemm = <sgemm_t>PyCapsule_GetPointer(s_cap, PyCapsule_GetName(s_cap))
-    _dgemm = <dgemm_t>PyCapsule_GetPointer(d_cap, PyCapsule_GetName(d_cap))
-
-
-def _text_matmul_blas(floating[:, :, ::1] out, const floating[:, :, ::1] x, const floating[:, ::1] w,
-                      const int64_t[::1] lengths):
-    """out[b, :n] = x[b, :n] @ w (row-major) for n = lengths[b]: column-major, out[b]ᵀ (F, n) = wᵀ (F, K) · x[b]ᵀ."""
-    cdef Py_ssize_t B = x.shape[0], b
-    cdef int K = <int>x.shape[2], F = <int>w.shape[1], n
-    cdef float one_f = 1.0, zero_f = 0.0
-    cdef double one_d = 1.0, zero_d = 0.0
-    if _sgemm == NULL or _dgemm == NULL:
-        raise RuntimeError("text_matmul: BLAS not loaded (blocks._gemm_ready)")
+def text_matmul(floating[:, :, ::1] out, const floating[:, :, ::1] x, const floating[:, ::1] w,
+                const int64_t[::1] lengths):
+    """out[b, :n] = x[b, :n] @ w for n = lengths[b]; rows past n are left as they are."""
+    cdef Py_ssize_t B = x.shape[0], N = x.shape[1], K = x.shape[2], F = w.shape[1]
+    cdef Py_ssize_t T = B * N, n_rows, n_cols, item, i0, i1, j0, j1, r, b, slot_end, real_end
+    if T == 0 or F == 0:
+        return
+    if K == 0:
+        for b in range(B):
+            out[b, :lengths[b], :] = 0
+        return
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* wp = &w[0, 0]
+    cdef floating* op = &out[0, 0, 0]
+    n_rows = (T + _TM_ROWS - 1) // _TM_ROWS
+    n_cols = (F + _TM_COLS - 1) // _TM_COLS
     with nogil:
-        for b in prange(B, schedule="dynamic", num_threads=_n_threads):
-            n = <int>lengths[b]
-            if n > 0:
-                if floating is float:
-                    _sgemm(&_NO_TRANS, &_NO_TRANS, &F, &n, &K, &one_f, <float*>&w[0, 0], &F,
-                           <float*>&x[b, 0, 0], &K, &zero_f, &out[b, 0, 0], &F)
-                else:
-                    _dgemm(&_NO_TRANS, &_NO_TRANS, &F, &n, &K, &one_d, <double*>&w[0, 0], &F,
-                           <double*>&x[b, 0, 0], &K, &zero_d, &out[b, 0, 0], &F)
+        for item in prange(n_rows * n_cols, schedule="static", num_threads=_n_threads):
+            i0 = (item % n_rows) * _TM_ROWS
+            j0 = (item // n_rows) * _TM_COLS
+            i1 = min(T, i0 + _TM_ROWS)
+            j1 = min(F, j0 + _TM_COLS)
+            r = i0
+            while r < i1:
+                b = r // N
+                slot_end = min(i1, (b + 1) * N)
+                real_end = min(slot_end, b * N + lengths[b])
+                if r < real_end:
+                    if floating is float:
+                        fa_tile_gemm_f(real_end - r, j1 - j0, K, 1.0, xp + r * K, K, 1, wp + j0, F,
+                                       op + r * F + j0, F)
+                    else:
+                        fa_tile_gemm_d(real_end - r, j1 - j0, K, 1.0, xp + r * K, K, 1, wp + j0, F,
+                                       op + r * F + j0, F)
+                r = slot_end
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,54 +60,6 @@ def set_local_threads(n: int | None):
     return set_local(n)
 
 
-_gemm: dict = {"capsules": None, "set_threads": None, "get_threads": None, "given": set()}
-
-
-def _gemm_ready() -> bool:
-    """SciPy's sgemm/dgemm handed to the ``_blocks`` build in use, and its OpenBLAS on one thread (the OpenMP loop
-    runs the calls side by side); False without SciPy, with ``FASTATTN_CYTHON_BLAS=off`` (see ``_blas``) or with a
-    BLAS whose thread count cannot be set (it would oversubscribe the cores)."""
-    if _gemm["capsules"] is None:
-        import ctypes
-
-        from . import _blas
-
-        _gemm["capsules"] = False
-        if _blas.disabled_reason() is None:
-            try:
-                capsules = _blas.gemm_capsules()
-            except (ImportError, KeyError, AttributeError):
-                capsules = None
-            api = _blas.openblas_thread_api() if capsules is not None else None
-            if api is not None:
-                _gemm["set_threads"] = ctypes.CFUNCTYPE(None, ctypes.c_int)(api[0])
-                _gemm["get_threads"] = ctypes.CFUNCTYPE(ctypes.c_int)(api[1])
-                _gemm["capsules"] = capsules
-    if not _gemm["capsules"]:
-        return False
-    if _blocks.__name__ not in _gemm["given"]:
-        _blocks._set_gemm(*_gemm["capsules"])
-        _gemm["given"].add(_blocks.__name__)
-    if _gemm["get_threads"]() != 1:  # something raised it since: one again
-        _gemm["set_threads"](1)
-    return True
-
-
-def text_matmul(out, x, w, lengths):
-    """The per-sequence matmul (contract: ``fastattn._numpy_blocks``): one single-threaded SciPy BLAS call per
-    sequence, in parallel. Without SciPy's BLAS a loop of NumPy matmuls (on NumPy's BLAS threads, whose count then
-    shows in the bits)."""
-    if x.shape[2] == 0 or w.shape[1] == 0:
-        for b in range(x.shape[0]):
-            out[b, : lengths[b]] = 0
-        return
-    if _gemm_ready():
-        _blocks._text_matmul_blas(out, x, w, lengths)
-        return
-    for b in range(x.shape[0]):
-        np.matmul(x[b, : lengths[b]], w, out=out[b, : lengths[b]])
-
-
 def linear_backward(grad_x, grad_w, grad_out, x, w):
     """y = x @ w: grad_x = grad_out @ wᵀ, grad_w = xᵀ @ grad_out (BLAS, through NumPy)."""
     np.matmul(grad_out, w.T, out=grad_x)

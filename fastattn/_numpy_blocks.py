@@ -43,9 +43,11 @@ Llama-family kernels:
   matmul of a decode step (few rows T), parallel over the rows of ``w`` so that a thread count owns its columns.
 - ``text_matmul(out, x, w, lengths)``: ``out[b, :n] = x[b, :n] @ w`` for each sequence ``b`` of ``n = lengths[b]``
   real (leading) rows of ``x`` (B, N, K), ``w`` (K, F); the rows of ``out`` past ``n`` are left as they are. The
-  compiled backends make one single-threaded BLAS call per sequence and run the sequences in parallel, so the bits
-  of a row depend on its own sequence only: not on the other sequences of the batch, the padded length N, or the
-  thread count (what a corpus embedded in any partitioning needs). This oracle is the literal loop.
+  compiled backends run it on the register-blocked micro-kernel of their fused attention, which computes every
+  element the same way (the same FMAs, k in order) wherever its row sits, so the bits of a row depend on that row
+  and ``w`` only: not on the other sequences of the batch, the padded length or the thread count (what a corpus
+  embedded in any partitioning needs; OpenBLAS gives a row other bits by its place and thread split). This oracle
+  is the literal loop.
 """
 
 from __future__ import annotations

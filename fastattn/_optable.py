@@ -188,8 +188,8 @@ OPS: tuple[Op, ...] = (
         "text_matmul",
         "blocks",
         "out (B, N, F), x (B, N, K), w (K, F), lengths (B,) int64",
-        "out[b, :n_b] = x[b, :n_b] @ w per sequence on one BLAS thread each (rows past n_b untouched): a row's "
-        "bits depend on its own sequence only, not on the batch or the thread count",
+        "out[b, :n_b] = x[b, :n_b] @ w on the fused attention's micro-kernel (rows past n_b untouched): a row's "
+        "bits depend on that row and w only, not on its batch, place, padding or the thread count",
     ),
     # ---- blocks: the backward kernels of training (fastattn.models._train) -----------------------------------------
     Op(

@@ -27,18 +27,16 @@ Reproducibility: the result is, bit for bit, the in-process call on the whole co
 
     whatever the partitioning, the batch size, the scheduler, the number of workers and their threads, and a worker
     dying mid-job (its partitions are recomputed, none lost or duplicated). That holds because ``encode`` gives a
-    text the same bits in any batch (``BertModel.encode``): its matmuls run per text on its real tokens, one
-    single-threaded BLAS call each (the ``text_matmul`` kernel: OpenBLAS gives a row other bits by its place in a
-    matrix and by the thread split, so one matrix per text), and the attention and block kernels compute a row
-    the same way whatever the padded length and the thread count. Conditions: one of the compiled backends (the
-    NumPy oracle's sums depend on the padded length), their default tile products (``FASTATTN_TILES=micro``; the
-    ``blas`` and ``loops`` products are not padding-invariant), SciPy installed (its BLAS is the one a kernel can
-    call on one thread without touching NumPy's; without it the per-text matmuls run on NumPy's BLAS threads, whose
-    count then shows in the bits), the same attention plan (``fastattn.plan_info()``: the built-in plans are the same
-    for every thread count, but a plan tuned by ``python -m fastattn tune`` is per thread count, and another key
-    tile regroups a long text's softmax sums), and the same machine code: the same fastattn, NumPy and SciPy
-    builds and an instruction set the workers share (a worker on another CPU may pick another ISA build or BLAS
-    kernel).
+    text the same bits in any batch (``BertModel.encode``): its matmuls run on the backend's own micro-kernel
+    (``text_matmul``), which computes a row the same way wherever it sits (OpenBLAS does not: a row's bits depend
+    on its place in the matrix and on the thread split), on the real tokens of each text only, and the attention
+    and block kernels compute a row the same way whatever the padded length and the thread count. Conditions: one
+    of the compiled backends (the NumPy oracle's sums depend on the padded length) with its default tile products
+    (``FASTATTN_TILES=micro``; the ``blas`` and ``loops`` products are not padding-invariant), the same attention
+    plan (``fastattn.plan_info()``: the built-in plans are the same for every thread count, but a plan tuned by
+    ``python -m fastattn tune`` is per thread count, and another key tile regroups a long text's softmax sums),
+    and the same machine code: the same fastattn and NumPy builds and an instruction set the workers share (a
+    worker on another CPU may pick another ISA build).
 
 Errors are raised on the client by ``encode`` itself, before any embedding: an item that is not a string (named
 by its position in the corpus), a model path that cannot be loaded on a worker (named, with the worker), a model

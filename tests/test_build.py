@@ -171,6 +171,30 @@ def test_numba_still_finds_blas_after_loading_without_scipy_linalg():
     assert run_python(code).splitlines() == ["False True", "True True"]
 
 
+def test_scipy_linalg_is_refused_only_in_the_thread_that_loads_the_registries():
+    """The finder that keeps scipy.linalg out while the registries load refuses it in its own thread only: another
+    thread importing scipy.linalg meanwhile gets it."""
+    pytest.importorskip("scipy")
+    code = (
+        "import sys, threading\n"
+        "from fastattn.kernels.numba import _config\n"
+        "refuse = _config._RefuseScipyLinalg(threading.get_ident())\n"
+        "sys.meta_path.insert(0, refuse)\n"
+        "try:\n"
+        "    import scipy.linalg\n"
+        "except ImportError as exc:\n"
+        "    print('refused here:', 'scipy.linalg' in str(exc))\n"
+        "seen = []\n"
+        "def other():\n"
+        "    import scipy.linalg\n"
+        "    seen.append(scipy.linalg.__name__)\n"
+        "t = threading.Thread(target=other)\n"
+        "t.start(); t.join()\n"
+        "print('other thread:', seen)"
+    )
+    assert run_python(code).splitlines() == ["refused here: True", "other thread: ['scipy.linalg']"]
+
+
 @pytest.mark.parametrize(
     "backend,hide_threadpoolctl",
     [("numba", False), ("numba", True), pytest.param("cython", False, marks=needs_build)],

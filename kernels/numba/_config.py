@@ -138,7 +138,7 @@ def _checked_count(n) -> int:
 # The first compile or cache load of a process makes Numba load its CPU registries (numba.core.cpu:
 # load_additional_registries). One of them, numba.np.arraymath, imports scipy.linalg.cython_blas at import only to
 # learn whether BLAS exists (``_HAVE_BLAS``, read when np.correlate / np.convolve are compiled); and importing that
-# imports the whole of scipy.linalg (0.1-0.25 s here, a third of the first call with a warm cache). No default
+# imports the whole of scipy.linalg (0.1-0.25 s here, up to a third of the first call with a warm cache). No default
 # kernel calls BLAS. So ``load_registries`` loads the registries once, with scipy.linalg made unimportable for the
 # loading thread only (a finder on sys.meta_path that refuses it; other threads import it as usual), and then sets
 # ``_HAVE_BLAS`` to what Numba would have found. np.dot itself (the "blas" tiles) is unaffected: Numba imports
@@ -177,17 +177,18 @@ def load_registries() -> bool:
     refuse = _RefuseScipyLinalg(threading.get_ident())
     try:
         with global_compiler_lock:
-            sys.meta_path.insert(0, refuse)
+            # new lists, not insert/remove: another thread may be iterating over the old one in an import
+            sys.meta_path = [refuse, *sys.meta_path]
             try:
                 cpu_target.target_context.refresh()
             finally:
-                sys.meta_path.remove(refuse)
+                sys.meta_path = [f for f in sys.meta_path if f is not refuse]
     except Exception:  # noqa: BLE001 - the first compile refreshes again, the ordinary way
-        return False
-    arraymath = sys.modules.get("numba.np.arraymath")
+        pass
+    arraymath = sys.modules.get("numba.np.arraymath")  # imported before anything failed, or not at all
     if getattr(arraymath, "_HAVE_BLAS", None) is False and _scipy_has_cython_blas():
         arraymath._HAVE_BLAS = True  # what numba.np.arraymath._check_blas would have found
-    return "scipy.linalg" not in sys.modules
+    return arraymath is not None and "scipy.linalg" not in sys.modules
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -135,6 +135,111 @@ def test_numba_kernels_compile_lazily():
     assert int(after.split()[1]) >= 1
 
 
+def test_first_numba_calls_do_not_import_scipy_linalg():
+    """Numba's registries import scipy.linalg (a third of the first call's time) to probe for a BLAS that the default
+    kernels never call; the backend loads them without it (kernels/numba/_config.py: load_registries)."""
+    pytest.importorskip("scipy")
+    code = (
+        "import sys, numpy as np, fastattn\n"
+        "q = np.ones((1, 2, 40, 16), np.float32)\n"
+        "mask = np.zeros((40, 40), np.float32)\n"
+        "fastattn.scaled_dot_product_attention(q, q, q, backend='numba')\n"
+        "fastattn.scaled_dot_product_attention(q, q, q, is_causal=True, backend='numba')\n"
+        "fastattn.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend='numba')\n"
+        "fastattn.embed([1, 2], np.eye(4, dtype=np.float32), backend='numba')\n"
+        "linalg = sorted(m for m in sys.modules if m.startswith('scipy.linalg'))\n"
+        "print(fastattn.kernels.numba.blas_info()['tiles'], linalg)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_TILES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "micro []"
+
+
+def test_numba_still_finds_blas_after_loading_without_scipy_linalg():
+    """What load_registries keeps out is only deferred: np.dot in a new @njit function imports SciPy's BLAS and
+    computes, and np.convolve's BLAS probe says what Numba's own would have."""
+    pytest.importorskip("scipy")
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+        pytest.skip("NUMBA_DISABLE_JIT: Numba loads no registries")
+    code = (
+        "import sys, numpy as np, numba\n"
+        "from fastattn.kernels import numba as kn\n"
+        "print('scipy.linalg' in sys.modules, numba.np.arraymath._HAVE_BLAS)\n"
+        "dot = numba.njit(lambda a, b: np.dot(a, b))\n"
+        "a = np.arange(12.0).reshape(3, 4)\n"
+        "print(np.array_equal(dot(a, a.T), a @ a.T), 'scipy.linalg' in sys.modules)"
+    )
+    assert run_python(code).splitlines() == ["False True", "True True"]
+
+
+def test_scipy_linalg_is_refused_only_in_the_thread_that_loads_the_registries():
+    """The finder that keeps scipy.linalg out while the registries load refuses it in its own thread only: another
+    thread importing scipy.linalg meanwhile gets it."""
+    pytest.importorskip("scipy")
+    code = (
+        "import sys, threading\n"
+        "from fastattn.kernels.numba import _config\n"
+        "refuse = _config._RefuseScipyLinalg(threading.get_ident())\n"
+        "sys.meta_path.insert(0, refuse)\n"
+        "try:\n"
+        "    import scipy.linalg\n"
+        "except ImportError as exc:\n"
+        "    print('refused here:', 'scipy.linalg' in str(exc))\n"
+        "seen = []\n"
+        "def other():\n"
+        "    import scipy.linalg\n"
+        "    seen.append(scipy.linalg.__name__)\n"
+        "t = threading.Thread(target=other)\n"
+        "t.start(); t.join()\n"
+        "print('other thread:', seen)"
+    )
+    assert run_python(code).splitlines() == ["refused here: True", "other thread: ['scipy.linalg']"]
+
+
+@pytest.mark.parametrize(
+    "backend,hide_threadpoolctl",
+    [("numba", False), ("numba", True), pytest.param("cython", False, marks=needs_build)],
+    ids=["numba", "numba-ctypes", "cython"],
+)
+def test_blas_tiles_leave_numpys_blas_threads_alone(backend, hide_threadpoolctl):
+    """The "blas" tile products set SciPy's BLAS to one thread for the process, and only SciPy's: NumPy's own BLAS
+    (a library of its own in NumPy >= 2 wheels) keeps its thread count. In a subprocess: the count stays changed."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    code = (
+        "import sys, numpy as np, threadpoolctl\n"
+        "def blas():\n"
+        "    return {m.filepath: m for m in threadpoolctl.ThreadpoolController().lib_controllers "
+        "if m.user_api == 'blas'}\n"
+        "numpys = set(blas())  # loaded with NumPy, before SciPy\n"
+        "import scipy.linalg\n"
+        "scipys = set(blas()) - numpys\n"
+        "if not numpys or not scipys:\n"
+        "    print('shared'); sys.exit()\n"
+        "for path in numpys:\n"
+        "    blas()[path].set_num_threads(2)\n"
+        f"if {hide_threadpoolctl}:\n"
+        "    del sys.modules['threadpoolctl']\n"
+        "    sys.modules['threadpoolctl'] = None  # the backend falls back to OpenBLAS's own entry point\n"
+        "import fastattn\n"
+        "q = np.random.default_rng(0).standard_normal((1, 12, 512, 64)).astype(np.float32)\n"
+        f"out = fastattn.scaled_dot_product_attention(q, q, q, backend={backend!r})\n"
+        "ref = fastattn.scaled_dot_product_attention(q, q, q, backend='numpy')\n"
+        "assert np.abs(out - ref).max() < 1e-4\n"
+        "del sys.modules['threadpoolctl']\n"
+        "import threadpoolctl\n"
+        "now = blas()\n"
+        "print(sorted({now[p].num_threads for p in numpys}), sorted({now[p].num_threads for p in scipys}))\n"
+    )
+    env = dict(os.environ, FASTATTN_TILES="blas")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if out.stdout.strip() == "shared":
+        pytest.skip("NumPy and SciPy share one BLAS library here")
+    assert out.stdout.strip() == "[2] [1]"
+
+
 # ------------------------------------------------------------------------------------------------ the micro-kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

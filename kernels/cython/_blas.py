@@ -17,19 +17,21 @@ did, is no better: OpenBLAS has no per-thread setting that works in its pthreads
 (``openblas_set_num_threads_local`` is process-wide there), so two Python threads running kernels at once race on
 the process-wide count (one may restore "2" while the other still runs its gemms, or leave it at 1), and each
 restore to several threads wakes OpenBLAS's thread pool, whose threads then spin and take cores from the kernels.
-Only libraries with the 32-bit-integer (LP64) names are touched: NumPy's own ILP64 OpenBLAS (``...64_`` names),
-which SciPy's Cython BLAS does not call, is left alone.
+Only SciPy's own library is touched (``fastattn.kernels._scipy_blas``: the one in SciPy's folders, never one in
+NumPy's), and only through the 32-bit-integer (LP64) names that SciPy's Cython BLAS calls: NumPy's own OpenBLAS
+(ILP64, ``...64_`` names, in ``numpy.libs``) keeps its threads.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
 import importlib
 import importlib.machinery
 import importlib.util
 import os
 import sys
+
+from .._scipy_blas import loaded_libraries, scipy_libraries
 
 _SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads")
 _GETTERS = ("openblas_get_num_threads", "scipy_openblas_get_num_threads")
@@ -85,31 +87,13 @@ def gemm_capsules():
     return capi["sgemm"], capi["dgemm"]
 
 
-def _loaded_libraries() -> list[str]:
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/self/maps") as maps:
-                paths = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
-            return sorted(p for p in paths if p.startswith("/"))
-        except OSError:
-            pass
-    import scipy  # where the wheels keep their OpenBLAS (scipy.libs, scipy/.dylibs, scipy_openblas32)
-
-    site = os.path.dirname(os.path.dirname(scipy.__file__))
-    found = []
-    for pattern in ("scipy.libs/*", "scipy/.dylibs/*", "scipy_openblas32/lib/*"):
-        found += glob.glob(os.path.join(site, pattern))
-    return found
-
-
 def openblas_thread_api() -> tuple[int, int, str] | None:
     """Addresses of ``(set_num_threads(int), get_num_threads())`` of the loaded LP64 OpenBLAS, and its path.
 
     None when no such library is loaded (SciPy on MKL, BLIS or Accelerate: not limited, see the module doc).
     """
-    candidates = [p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()]
-    candidates.sort(key=lambda p: "scipy" not in p)  # SciPy's own first, should several be loaded
-    for path in candidates:
+    loaded = [p for p in loaded_libraries() if "openblas" in os.path.basename(p).lower()]
+    for path in scipy_libraries(loaded):  # SciPy's own, never NumPy's (both may be named libscipy_openblas*)
         try:
             lib = ctypes.CDLL(path)
         except OSError:

@@ -1,8 +1,10 @@
 """The Numba backend: ``@njit(parallel=True)`` kernels behind the raw contract of ``kernels/README.md``.
 
-Importing this package imports Numba but compiles nothing: each kernel compiles on its first call for the types it
-meets, and the machine code is cached on disk (``cache=True``), so a later process only loads it. ``fastattn.warmup()``
-compiles ahead of time for the common dtypes and layouts (through the call layer, as the API calls).
+Importing this package imports Numba and loads its CPU registries (as the first call would, but without importing
+``scipy.linalg``: ``_config.load_registries``) and compiles nothing: each kernel compiles on its first call for the
+types it meets, and the machine code is cached on disk (``cache=True``), so a later process only loads it.
+``fastattn.warmup()`` compiles ahead of time for the common dtypes and layouts (through the call layer, as the API
+calls).
 
 Each public name is a thin Python function with exactly the contract's signature. It normalises its arguments so
 that one compiled variant per dtype serves every caller (``scale`` becomes the arrays' dtype, flags ``bool``,
@@ -19,7 +21,7 @@ covers contiguous arrays and broadcast views alike) and picks the fused engine a
     attention_backward.py  attention_backward                   (flash style, P recomputed from lse)
     _gemm.py             the register-blocked tile product of attention_tiled
     _math.py             vectorisable exp, NaN-ignoring max
-    _config.py           fastmath flags, cache folder, threads, SciPy BLAS threads
+    _config.py           fastmath flags, cache folder, threads, SciPy BLAS threads, Numba's registries
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ BACKWARD_BLOCK_K = 128
 
 configure = _config.configure
 set_local_threads = _config.set_local_threads
+
+_config.load_registries()  # what the first kernel call would do, minus importing scipy.linalg (0.1-0.25 s)
 
 
 def _ro(a):

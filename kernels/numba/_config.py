@@ -15,13 +15,17 @@ This is the one place that decides
   registry passes this machine's plans, fastattn._plans, and ``FASTATTN_TILES``; this module never reads fastattn's
   settings from the environment); for the optional "blas"
   tiles, that SciPy's BLAS runs single-threaded, so that it does not oversubscribe the cores inside our ``prange``.
+- that Numba's first use in a process does not import ``scipy.linalg`` (``load_registries``): a third of the first
+  call's time, for a BLAS that the default kernels never call.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import operator
 import os
+import sys
 import threading
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -129,6 +133,65 @@ def _checked_count(n) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Numba's registries, loaded without scipy.linalg
+# --------------------------------------------------------------------------------------------------------------
+# The first compile or cache load of a process makes Numba load its CPU registries (numba.core.cpu:
+# load_additional_registries). One of them, numba.np.arraymath, imports scipy.linalg.cython_blas at import only to
+# learn whether BLAS exists (``_HAVE_BLAS``, read when np.correlate / np.convolve are compiled); and importing that
+# imports the whole of scipy.linalg (0.1-0.25 s here, up to a third of the first call with a warm cache). No default
+# kernel calls BLAS. So ``load_registries`` loads the registries once, with scipy.linalg made unimportable for the
+# loading thread only (a finder on sys.meta_path that refuses it; other threads import it as usual), and then sets
+# ``_HAVE_BLAS`` to what Numba would have found. np.dot itself (the "blas" tiles) is unaffected: Numba imports
+# scipy.linalg.cython_blas when it compiles np.dot, and its C helpers when they first run. Should anything go
+# wrong, or Numba change, the next compile loads the registries the ordinary way (SciPy included): slower, not
+# different.
+class _RefuseScipyLinalg:
+    """A meta-path finder that makes ``scipy.linalg`` (and below) unimportable in one thread."""
+
+    def __init__(self, thread_id: int):
+        self.thread_id = thread_id
+
+    def find_spec(self, name, path=None, target=None):
+        if (name == "scipy.linalg" or name.startswith("scipy.linalg.")) and threading.get_ident() == self.thread_id:
+            raise ImportError(f"{name}: not imported while fastattn loads Numba's registries")
+        return None
+
+
+def _scipy_has_cython_blas() -> bool:
+    """Whether SciPy's ``linalg/cython_blas`` extension is installed (what Numba's own probe would import)."""
+    spec = importlib.util.find_spec("scipy")
+    if spec is None or not spec.origin:
+        return False
+    names = ("cython_blas" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    return any(os.path.exists(os.path.join(os.path.dirname(spec.origin), "linalg", name)) for name in names)
+
+
+def load_registries() -> bool:
+    """Load Numba's CPU registries now, without importing scipy.linalg (see above). Once per process, before the
+    first kernel call (``__init__`` calls it); returns whether scipy.linalg was kept out."""
+    if numba.config.DISABLE_JIT or "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return False  # nothing will compile, loaded already, or scipy.linalg is there anyway: nothing to save
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+
+    refuse = _RefuseScipyLinalg(threading.get_ident())
+    try:
+        with global_compiler_lock:
+            # new lists, not insert/remove: another thread may be iterating over the old one in an import
+            sys.meta_path = [refuse, *sys.meta_path]
+            try:
+                cpu_target.target_context.refresh()
+            finally:
+                sys.meta_path = [f for f in sys.meta_path if f is not refuse]
+    except Exception:  # noqa: BLE001 - the first compile refreshes again, the ordinary way
+        pass
+    arraymath = sys.modules.get("numba.np.arraymath")  # imported before anything failed, or not at all
+    if getattr(arraymath, "_HAVE_BLAS", None) is False and _scipy_has_cython_blas():
+        arraymath._HAVE_BLAS = True  # what numba.np.arraymath._check_blas would have found
+    return arraymath is not None and "scipy.linalg" not in sys.modules
+
+
+# --------------------------------------------------------------------------------------------------------------
 # BLAS inside the fused kernel
 # --------------------------------------------------------------------------------------------------------------
 #: ``np.dot`` inside ``@njit`` needs SciPy (Numba calls ``scipy.linalg.cython_blas``). Probed, not imported.
@@ -191,7 +254,8 @@ def limit_scipy_blas_threads() -> str:
 
     Our ``prange`` already uses every core; a multi-threaded BLAS called from each of those threads would start its
     own threads on top (oversubscription: 10x slower at N=128 in a trial). Only SciPy's BLAS is limited, because it
-    is the one Numba's ``np.dot`` calls; NumPy's own BLAS (a separate library in NumPy >= 2 wheels) is left alone.
+    is the one Numba's ``np.dot`` calls; NumPy's own BLAS (a separate library in NumPy >= 2 wheels) is left alone
+    (``fastattn.kernels._scipy_blas`` tells them apart; where both use one shared library, it is limited).
     The price: ``scipy.linalg`` calls in the same process also run on one thread afterwards.
 
     Uses ``threadpoolctl`` when installed (portable); otherwise calls ``openblas_set_num_threads`` on the OpenBLAS
@@ -200,32 +264,33 @@ def limit_scipy_blas_threads() -> str:
     if _blas_state["limited"]:
         return _blas_state["how"]
     _blas_state["limited"] = True
-    import scipy.linalg.cython_blas as cython_blas  # loads SciPy's BLAS, as Numba will
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS, as Numba will)
 
-    scipy_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cython_blas.__file__))))
+    from .._scipy_blas import scipy_libraries
+
     how = "failed: BLAS thread count unchanged"
     try:
         from threadpoolctl import ThreadpoolController
 
-        ctl = ThreadpoolController()
-        mine = [m for m in ctl.lib_controllers if m.user_api == "blas" and m.filepath.startswith(scipy_dir)]
+        blas = [m for m in ThreadpoolController().lib_controllers if m.user_api == "blas"]
+        scipys = set(scipy_libraries(m.filepath for m in blas))
+        mine = [m for m in blas if m.filepath in scipys]
         for m in mine:
             m.set_num_threads(1)
         if mine:
             how = "threadpoolctl: " + ", ".join(os.path.basename(m.filepath) for m in mine)
     except Exception:  # threadpoolctl missing or too old: fall back to OpenBLAS's own entry point
-        how = _limit_openblas_ctypes(scipy_dir) or how
+        how = _limit_openblas_ctypes() or how
     _blas_state["how"] = how
     return how
 
 
-def _limit_openblas_ctypes(scipy_dir: str) -> str | None:
+def _limit_openblas_ctypes() -> str | None:
     import ctypes
-    import glob
 
-    paths = glob.glob(os.path.join(scipy_dir, "scipy.libs", "*openblas*"))  # Linux wheels
-    paths += glob.glob(os.path.join(scipy_dir, "scipy", ".dylibs", "*openblas*"))  # macOS wheels
-    paths += glob.glob(os.path.join(scipy_dir, "scipy.libs", "*.dll"))  # Windows wheels
+    from .._scipy_blas import loaded_libraries, scipy_libraries
+
+    paths = [p for p in scipy_libraries(loaded_libraries()) if "openblas" in os.path.basename(p).lower()]
     for path in paths:
         try:
             lib = ctypes.CDLL(path)  # already loaded: this returns the same handle

@@ -255,23 +255,18 @@ cdef inline double exp_shift_sum(floating* row, Py_ssize_t n, double ref) noexce
     # The rest: float32, one last group of four whose entries past n count as 0; float64, entry j into lane
     # j % LANES. Either way entry j lands in the same partial sum, in the same order, whatever n is: a row's sum
     # (and so a padded sequence's attention) does not change when -inf entries (exact zeros) follow its last one.
+    cdef float last[4 * LANES]
     j = ngroup
     if floating is float:
-        if j < n:
+        if j < n:                            # the exps of the last group go through a zeroed buffer of 4·LANES
+            for u in range(4 * LANES):
+                last[u] = 0
+            for u in range(n - j):
+                p = _exp_neg(row[j + u] - m)
+                row[j + u] = p
+                last[u] = p
             for u in range(LANES):
-                p = _exp_neg(row[j + u] - m) if j + u < n else 0
-                p1 = _exp_neg(row[j + LANES + u] - m) if j + LANES + u < n else 0
-                p2 = _exp_neg(row[j + 2 * LANES + u] - m) if j + 2 * LANES + u < n else 0
-                p3 = _exp_neg(row[j + 3 * LANES + u] - m) if j + 3 * LANES + u < n else 0
-                if j + u < n:
-                    row[j + u] = p
-                if j + LANES + u < n:
-                    row[j + LANES + u] = p1
-                if j + 2 * LANES + u < n:
-                    row[j + 2 * LANES + u] = p2
-                if j + 3 * LANES + u < n:
-                    row[j + 3 * LANES + u] = p3
-                acc[u] = acc[u] + <double>((p + p1) + (p2 + p3))
+                acc[u] = acc[u] + <double>((last[u] + last[LANES + u]) + (last[2 * LANES + u] + last[3 * LANES + u]))
     else:
         while j + LANES <= n:
             for u in range(LANES):

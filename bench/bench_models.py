@@ -291,6 +291,17 @@ def _table(title, rows, unit):
         print(f"  {name:<14}{stats.median * 1e3:>10.1f}ms{stats.spread:>8.0%}{rate:>14}{ratio:>18}   {check}")
 
 
+def _measure_table(title, pairs, args, rate, err_unit):
+    """Time (name, fn, err) pairs interleaved and print their table; ``rate(seconds)`` is the throughput column."""
+    from fastattn.tools import timing as _timing
+
+    contenders = [_timing.Contender(name, fn) for name, fn, _ in pairs]
+    _timing.run_interleaved(contenders, rounds=args.rounds, budget_s=args.budget, min_rounds=2)
+    checks = {name: ("" if err is None else f"max err {err:.1e} {err_unit}".rstrip()) for name, _, err in pairs}
+    rows = [(c.name, c.stats(), rate(c.stats().median), checks[c.name]) for c in contenders if c.ok]
+    _table(title, rows, "throughput")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=sorted(ENCODER), default=GRID)
@@ -329,30 +340,12 @@ def main(argv=None) -> int:
             hf_model = build_encoder(directory, args.grid)
             layers, width, heads, ffn, _, _ = ENCODER[args.grid]["model"]
             for B, N, padded in ENCODER[args.grid]["batches"]:
+                title = f"encoder L{layers} D{width} H{heads} FFN{ffn}, batch {B} x {N}, padded {padded:.0%}"
                 pairs = encoder_contenders(directory, hf_model, B, N, padded, backends)
-                contenders = [_timing.Contender(name, fn) for name, fn, _ in pairs]
-                _timing.run_interleaved(contenders, rounds=args.rounds, budget_s=args.budget, min_rounds=2)
-                checks = {name: ("" if err is None else f"max err {err:.1e} of scale") for name, _, err in pairs}
-                rows = [
-                    (c.name, c.stats(), f"{B * N / c.stats().median:,.0f} tok/s", checks[c.name])
-                    for c in contenders
-                    if c.ok
-                ]
-                _table(
-                    f"encoder L{layers} D{width} H{heads} FFN{ffn}, batch {B} x {N}, padded {padded:.0%}",
-                    rows,
-                    "throughput",
-                )
+                _measure_table(title, pairs, args, lambda t, n=B * N: f"{n / t:,.0f} tok/s", "of scale")
+                title = f"sentence embeddings (encode), batch {B} x {N}, padded {padded:.0%}"
                 pairs = embedding_contenders(directory, hf_model, B, N, padded, backends)
-                contenders = [_timing.Contender(name, fn) for name, fn, _ in pairs]
-                _timing.run_interleaved(contenders, rounds=args.rounds, budget_s=args.budget, min_rounds=2)
-                checks = {name: ("" if err is None else f"max err {err:.1e}") for name, _, err in pairs}
-                rows = [
-                    (c.name, c.stats(), f"{B / c.stats().median:,.0f} texts/s", checks[c.name])
-                    for c in contenders
-                    if c.ok
-                ]
-                _table(f"sentence embeddings (encode), batch {B} x {N}, padded {padded:.0%}", rows, "throughput")
+                _measure_table(title, pairs, args, lambda t, n=B: f"{n / t:,.0f} texts/s", "")
         if "decoder" not in args.skip:
             directory = os.path.join(tmp, "gpt2")
             hf_model = build_decoder(directory, args.grid)

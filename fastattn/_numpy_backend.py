@@ -107,7 +107,12 @@ def weighted_sum_backward(grad_p, grad_v, grad_out, p, v):
 
 def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal, causal_offset, window,
                        mask, has_mask, key_bias, has_key_bias):  # fmt: skip
-    """The flash-style recipe with the full L x S matrices: P recomputed from lse, D = rowsum(grad_out * out)."""
+    """The flash-style recipe with the full L x S matrices: P recomputed from lse, dS = P (dP - D).
+
+    D is the row term of P's own rows, rowsum(dP * P) / rowsum(P) in float64, rather than the compiled kernels'
+    rowsum(grad_out * out) (they see a row a tile at a time; see kernels/numba/attention_backward.py): equal in
+    exact arithmetic, but ``out`` and ``lse`` come from a forward whose scores were rounded its own way, and any
+    difference from the P recomputed here breaks rowsum(dS) = 0, which dQ = dS K amplifies by |K|."""
     s = np.empty(q.shape[:3] + (k.shape[2],), dtype=q.dtype)  # (B, Hq, L, S)
     scores(s, q, k, scale, causal, causal_offset, window, mask, has_mask, key_bias, has_key_bias)
     seen = ~np.isneginf(lse)[..., None]  # (B, Hq, L, 1): rows with a key to attend to
@@ -115,8 +120,12 @@ def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scal
         p = np.where(seen, np.exp(s - np.where(seen, lse[..., None], 0)), 0).astype(q.dtype)  # (B, Hq, L, S)
     grad_p = np.empty_like(p)
     weighted_sum_backward(grad_p, grad_v, grad_out, p, v)
-    d = np.sum(grad_out * out, axis=-1, keepdims=True)  # (B, Hq, L, 1) = rowsum(grad_p * p)
-    grad_s = p * (grad_p - d)  # (B, Hq, L, S)
+    p64 = p.astype(np.float64)
+    total = np.sum(p64, axis=-1, keepdims=True)  # (B, Hq, L, 1)
+    dot = np.sum(grad_p * p64, axis=-1, keepdims=True)  # (B, Hq, L, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(total > 0, dot / np.where(total > 0, total, 1.0), dot)  # a row without keys: P = 0, dS = 0
+    grad_s = (p64 * (grad_p - d)).astype(q.dtype)  # (B, Hq, L, S)
     scores_backward(grad_q, grad_k, grad_s, q, k, scale)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import check_against_oracle, score_rounding_floor
+from conftest import BACKEND_VARIANTS, backend_variant, check_against_oracle, score_rounding_floor
 
 import fastattn
 from fastattn import oracle
@@ -261,6 +261,49 @@ def test_sdpa_backward_against_oracle(backward_backend, case):
             return oracle.scaled_dot_product_attention_backward(g_, q_, k_, v_, mask, **c["kw"])[i]
 
         check_against_oracle(grad, ref, (g, q, k, v))
+
+
+def _rounded_oracle_forward(q, k, v, mask, kw):
+    """out and lse of the float64 oracle, each rounded once to float32: the most accurate a forward can hand over."""
+    q64, k64, v64, m64 = (a.astype(np.float64) for a in (q, k, v, mask))
+    out = oracle.scaled_dot_product_attention(q64, k64, v64, m64, **kw)
+    group = q.shape[-3] // k.shape[-3]
+    scale = 1.0 / np.sqrt(q.shape[-1])  # the default scale (kw has none)
+    s = oracle.attention_scores(q64, np.repeat(k64, group, axis=-3), scale, m64)  # (..., L, S)
+    top = s.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(s - top).sum(axis=-1, keepdims=True)))[..., 0]
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+@pytest.mark.parametrize("forward", ["oracle"] + BACKEND_VARIANTS)
+def test_sdpa_backward_from_any_forward(backward_backend, forward):
+    """The backward's float32 error does not depend on how the forward rounded its scores (out and lse from the
+    rounded float64 oracle, or from any backend and tile products): near-tied scores of ~2450 (inputs of magnitude
+    30, E = 2), where one ulp of a score (2.4e-4) between the forward's P and the one the backward recomputes broke
+    rowsum(dS) = 0 by ~1e-5, and dQ = dS K made that 1e-3 (|K| ~ 85): past the bound, while the naive float32
+    computation, consistent with itself, errs by 1e-9. The regression example of test_backward_properties."""
+    from test_backward_properties import gradient_floor
+
+    rng = np.random.default_rng(1)
+    q = (rng.standard_normal((2, 1, 2)) * 30).astype(np.float32)  # (Hq, L, E): two query heads
+    k = (rng.standard_normal((1, 343, 2)) * 30).astype(np.float32)  # one key/value head (GQA)
+    v = rng.standard_normal((1, 343, 9)).astype(np.float32)
+    mask = rng.standard_normal((2, 1, 343)).astype(np.float32)  # additive
+    kw = dict(enable_gqa=True)
+    if forward == "oracle":
+        out, lse = _rounded_oracle_forward(q, k, v, mask, kw)
+    else:
+        with backend_variant(forward) as name:
+            out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True, backend=name, **kw)
+    g = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
+    grads = fastattn.scaled_dot_product_attention_backward(g, q, k, v, out, lse, mask, backend=backward_backend, **kw)
+    for i, grad in enumerate(grads):
+
+        def ref(g_, q_, k_, v_, m_, i=i):
+            return oracle.scaled_dot_product_attention_backward(g_, q_, k_, v_, m_, **kw)[i]
+
+        floor = gradient_floor(ref(*(a.astype(np.float64) for a in (g, q, k, v, mask))), g, q, k, v, None)
+        check_against_oracle(grad, ref, (g, q, k, v, mask), floor=floor)
 
 
 def test_sdpa_backward_against_torch(backward_backend):

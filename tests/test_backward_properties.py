@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import check_against_oracle, score_rounding_floor
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_properties import DTYPES, SEEDS, attention_cases, build_attention, examples, layout, untouched
 
@@ -58,7 +58,16 @@ def backward_cases(draw):
     return c
 
 
+# Found by a random run: near-tied scores of ~2450 (inputs of magnitude 30, E = 2), where the forward's and the
+# backward's float32 scores differed by an ulp; dQ was 3.5% past the bound (test_backward.py: the forward's
+# rounding, test_sdpa_backward_from_any_forward).
+REGRESSION = dict(heads="gqa", hq=2, hkv=1, q_batch=(), kv_batch=(), ndim=3, L=1, S=343, E=2, Ev=9, mask="float",
+                  mshape=(2, 1, 343), scale=None, magnitude=30.0, layout="contiguous", dtype=np.float32, seed=1,
+                  window=None)  # fmt: skip
+
+
 @given(c=backward_cases())
+@example(c=REGRESSION)
 @examples(200)
 def test_sdpa_backward_matches_oracle(backward_backend, c):
     q, k, v, mask = build_attention(c)

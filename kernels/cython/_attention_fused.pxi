@@ -465,6 +465,9 @@ cdef struct BwdTile:
     double* dk            # BK×E: dK of the key tile, summed over the query tiles
     double* dv            # BK×Ev: dV of the key tile
     double* dq            # R×E: dQ of R query rows (one pass: the head's L rows; two passes: a query tile)
+    double* kbar          # R×E: P·K of those rows, the direction of dQ's residual (_remove_residual)
+    double* psum          # R: rowsum(P) of those rows
+    double* dssum         # R: rowsum(dS) of those rows (0 in exact arithmetic)
     double* d             # BQ: D = rowsum(dO ∘ O) of the query tile
     double* acc           # max(BK, E, Ev): the loops' row sums
 
@@ -481,7 +484,10 @@ cdef inline void _bwd_layout(BwdTile* t, floating* fbuf, double* dbuf, Py_ssize_
     t.dk = dbuf
     t.dv = dbuf + BK * E
     t.dq = dbuf + BK * (E + Ev)
-    t.d = t.dq + R * E
+    t.kbar = t.dq + R * E
+    t.psum = t.kbar + R * E
+    t.dssum = t.psum + R
+    t.d = t.dssum + R
     t.acc = t.d + BQ
 
 
@@ -491,7 +497,7 @@ cdef inline Py_ssize_t _bwd_fsize(Py_ssize_t BQ, Py_ssize_t BK, Py_ssize_t E, Py
 
 cdef inline Py_ssize_t _bwd_dsize(Py_ssize_t R, Py_ssize_t BQ, Py_ssize_t BK, Py_ssize_t E,
                                   Py_ssize_t Ev) noexcept nogil:
-    return BK * (E + Ev) + R * E + BQ + max(BK, max(E, Ev))
+    return BK * (E + Ev) + 2 * R * E + 2 * R + BQ + max(BK, max(E, Ev))
 
 
 cdef inline void _add_into(double* acc, const floating* x, Py_ssize_t n) noexcept nogil:
@@ -515,17 +521,34 @@ cdef inline floating _rowsum_do_o(const floating* do_, const floating* o, Py_ssi
     return <floating>dsum
 
 
-cdef void _backward_block(const BwdTile* t, double* dq, const floating* q, const floating* do_,
+cdef inline double _sum_wide(const floating* x, Py_ssize_t n) noexcept nogil:
+    """Σ x[j] in double, LANES partial sums (so that it vectorises without reassociating), folded pairwise."""
+    cdef double lanes[LANES]
+    cdef Py_ssize_t j, u
+    cdef Py_ssize_t nfull = n - n % LANES
+    for u in range(LANES):
+        lanes[u] = 0
+    for j in range(0, nfull // LANES):
+        for u in range(LANES):
+            lanes[u] = lanes[u] + <double>x[j * LANES + u]
+    for j in range(nfull, n):
+        lanes[0] = lanes[0] + <double>x[j]
+    return _sum_lanes(lanes)
+
+
+cdef void _backward_block(const BwdTile* t, Py_ssize_t qrow, const floating* q, const floating* do_,
                           const floating* d, const floating* lse, const floating* k, Py_ssize_t ldk, Py_ssize_t ldv,
                           Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk,
                           Py_ssize_t E, Py_ssize_t Ev, floating scale, const Masks* mk, bint kv_side,
                           bint q_side, int tiles) noexcept nogil:
-    """One tile of the backward: queries i0..i0+nq-1 (q, do_, d, lse: their rows; dq: their dQ sums) against keys
-    j0..j0+nk-1 (k: their rows; t.kt, t.vt: Kᵀ, Vᵀ of the tile, rows ldk, ldv apart).
+    """One tile of the backward: queries i0..i0+nq-1 (q, do_, d, lse: their rows; qrow: their first row in the
+    q-side sums t.dq, t.kbar, t.psum, t.dssum) against keys j0..j0+nk-1 (k: their rows; t.kt, t.vt: Kᵀ, Vᵀ of the
+    tile, rows ldk, ldv apart).
 
     P = exp(scale·q kᵀ + masks - lse) (0 in a row with lse = -inf); dP = dO·Vᵀ; dS = P ∘ (dP - D)·scale with
-    D = rowsum(dO ∘ O) (d, see _rowsum_do_o); kv_side: dV += Pᵀ·dO, dK += dSᵀ·Q (t.dv, t.dk); q_side: dQ += dS·K (dq). Each product is
-    one tile product in the dtype, added into the double sums.
+    D = rowsum(dO ∘ O) (d, see _rowsum_do_o); kv_side: dV += Pᵀ·dO, dK += dSᵀ·Q (t.dv, t.dk); q_side: dQ += dS·K,
+    and for _remove_residual P·K, rowsum(P), rowsum(dS). Each product is one tile product in the dtype, added into
+    the double sums.
     """
     cdef floating* s = <floating*>t.s
     cdef floating* dp = <floating*>t.dp
@@ -547,6 +570,8 @@ cdef void _backward_block(const BwdTile* t, double* dq, const floating* q, const
             _mask_row(srow, nk, b, h, i0 + r, j0, mk)
         for c in range(nk):
             srow[c] = _exp_neg(srow[c] - m)
+        if q_side:
+            t.psum[qrow + r] += _sum_wide(srow, nk)
     # 2. dV += Pᵀ·dO (nk×Ev: Pᵀ read through its strides)
     if kv_side:
         _gemm_ab(nk, Ev, nq, 1, s, 1, nk, do_, Ev, prod, Ev, t.acc, tiles)
@@ -559,13 +584,37 @@ cdef void _backward_block(const BwdTile* t, double* dq, const floating* q, const
         dr = d[r]
         for c in range(nk):
             dprow[c] = srow[c] * (dprow[c] - dr) * scale
+        if q_side:
+            t.dssum[qrow + r] += _sum_wide(dprow, nk)
     # 4. dK += dSᵀ·Q (nk×E) and dQ += dS·K (nq×E)
     if kv_side:
         _gemm_ab(nk, E, nq, 1, dp, 1, nk, q, E, prod, E, t.acc, tiles)
         _add_into(t.dk, prod, nk * E)
     if q_side:
         _gemm_ab(nq, E, nk, 1, dp, nk, 1, k, E, prod, E, t.acc, tiles)
-        _add_into(dq, prod, nq * E)
+        _add_into(t.dq + qrow * E, prod, nq * E)
+        _gemm_ab(nq, E, nk, 1, s, nk, 1, k, E, prod, E, t.acc, tiles)
+        _add_into(t.kbar + qrow * E, prod, nq * E)
+
+
+cdef inline void _clear_q_sums(const BwdTile* t, Py_ssize_t n, Py_ssize_t E) noexcept nogil:
+    """Zero the q-side sums of n query rows: dQ, P·K, rowsum(P), rowsum(dS)."""
+    memset(t.dq, 0, n * E * sizeof(double))
+    memset(t.kbar, 0, n * E * sizeof(double))
+    memset(t.psum, 0, n * sizeof(double))
+    memset(t.dssum, 0, n * sizeof(double))
+
+
+cdef void _remove_residual(const BwdTile* t, Py_ssize_t n, Py_ssize_t E) noexcept nogil:
+    """dQ -= (rowsum(dS) / rowsum(P)) · P·K for each of n query rows (see attention_backward). A row with no key
+    (rowsum(P) = 0) or NaN is left as it is."""
+    cdef Py_ssize_t i, e
+    cdef double c
+    for i in range(n):
+        if t.psum[i] > 0:
+            c = t.dssum[i] / t.psum[i]
+            for e in range(E):
+                t.dq[i * E + e] -= c * t.kbar[i * E + e]
 
 
 cdef inline void _seeing_rows(Py_ssize_t j0, Py_ssize_t nk, Py_ssize_t L, const Masks* mk, Py_ssize_t* i_lo,
@@ -607,7 +656,7 @@ cdef void _backward_kv_head(floating* gq, floating* gk, floating* gv, const floa
     cdef Py_ssize_t hh, h, kt, j0, nk, i_lo, i_hi, i0, nq, ldk, ldv
     for hh in range(group):
         h = kvh * group + hh
-        memset(t.dq, 0, L * E * sizeof(double))
+        _clear_q_sums(&t, L, E)
         for kt in range((S + BK - 1) // BK):
             j0 = kt * BK
             nk = min(BK, S - j0)
@@ -620,12 +669,13 @@ cdef void _backward_kv_head(floating* gq, floating* gk, floating* gv, const floa
                 i0 = i_lo
                 while i0 < i_hi:
                     nq = min(BQ, i_hi - i0)
-                    _backward_block(&t, t.dq + i0 * E, q + (hh * L + i0) * E, do_ + (hh * L + i0) * Ev,
+                    _backward_block(&t, i0, q + (hh * L + i0) * E, do_ + (hh * L + i0) * Ev,
                                     d + hh * L + i0, lse + hh * L + i0, k + j0 * E, ldk, ldv, b, h, i0, nq,
                                     j0, nk, E, Ev, scale, mk, True, True, tiles)
                     i0 += BQ
             _store_sum(gk + j0 * E, t.dk, nk * E, hh > 0)
             _store_sum(gv + j0 * Ev, t.dv, nk * Ev, hh > 0)
+        _remove_residual(&t, L, E)
         _store_sum(gq + hh * L * E, t.dq, L * E, False)
 
 
@@ -649,7 +699,7 @@ cdef void _backward_kv_tile(floating* gk, floating* gv, const floating* do_, con
             i0 = i_lo
             while i0 < i_hi:
                 nq = min(BQ, i_hi - i0)
-                _backward_block(&t, t.dq, q + (hh * L + i0) * E, do_ + (hh * L + i0) * Ev, d + hh * L + i0,
+                _backward_block(&t, 0, q + (hh * L + i0) * E, do_ + (hh * L + i0) * Ev, d + hh * L + i0,
                                 lse + hh * L + i0, k, ldk, ldv, b, kvh * group + hh, i0, nq, j0, nk, E, Ev, scale,
                                 mk, True, False, tiles)
                 i0 += BQ
@@ -669,15 +719,16 @@ cdef void _backward_q_tile(floating* gq, const floating* do_, const floating* q,
     cdef Py_ssize_t end = _visible_end(i0 + nq - 1, S, mk)
     cdef Py_ssize_t start = _visible_start(i0, end, mk)
     cdef Py_ssize_t j0, nk, ldk, ldv
-    memset(t.dq, 0, nq * E * sizeof(double))
+    _clear_q_sums(&t, nq, E)
     j0 = start
     while j0 < end:
         nk = min(BK, end - j0)
         ldk = _pack_t(<floating*>t.kt, k + j0 * E, nk, E, E)
         ldv = _pack_t(<floating*>t.vt, v + j0 * Ev, nk, Ev, Ev)
-        _backward_block(&t, t.dq, q, do_, d, lse, k + j0 * E, ldk, ldv, b, h, i0, nq, j0, nk, E, Ev, scale, mk,
+        _backward_block(&t, 0, q, do_, d, lse, k + j0 * E, ldk, ldv, b, h, i0, nq, j0, nk, E, Ev, scale, mk,
                         False, True, tiles)
         j0 += BK
+    _remove_residual(&t, nq, E)
     _store_sum(gq, t.dq, nq * E, False)
 
 
@@ -690,6 +741,13 @@ def attention_backward(floating[:, :, :, ::1] grad_q, floating[:, :, :, ::1] gra
                        const floating[:, :] key_bias, bint has_key_bias):
     """Gradients of sum(grad_out ∘ attention(q, k, v, ...)), flash-style: P recomputed from lse tile by tile,
     O(N) extra memory, no L×S array.
+
+    dQ's residual: each row of dS sums to 0 in exact arithmetic, but the P recomputed here and D (from `out`)
+    come from scores rounded in different ways (another backend or tile products: one ulp of a score of 2450 is
+    2.4e-4 of its probability), and dQ = dS·K carries the row's residual rowsum(dS) times |K|. So dQ also sums
+    P·K, rowsum(P) and rowsum(dS) in double, and at the end subtracts (rowsum(dS) / rowsum(P))·P·K: the same as
+    using D' = rowsum(P ∘ dP) / rowsum(P), the D of the probabilities recomputed here (known only once a row has
+    seen every key; kernels/numba/attention_backward.py explains it at length). dK and dV keep D.
 
     One pass when there are _BWD_ONE_PASS_ITEMS (batch, key/value head) pairs or more: a work item per pair owns
     grad_k, grad_v of that head and grad_q of its query heads. Else two passes: work items per key tile (grad_k,

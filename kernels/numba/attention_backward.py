@@ -11,8 +11,20 @@ by tile (D = rowsum(grad_out ∘ out), one number per query row):
             dP = dO_t V_tᵀ                                                                    (tq, tk)
             dS = P ∘ (dP − D) · scale                                  softmax backward       (tq, tk)
             dK += dSᵀ Q_t                                              scores backward        (tk, E)
-            dQ_t += dS K_t                                             (float64 rows of the head)
+            dQ_t += dS K_t,  K̄_t += P K_t,  rowsum(P), rowsum(dS)     (float64 rows of the head)
     (causal: query tiles wholly above the diagonal are skipped; a window skips those wholly past its band)
+    finally, per query row: dQ -= (rowsum(dS) / rowsum(P)) · K̄
+
+dQ's residual. In exact arithmetic each row of dS sums to 0 (D is the P-weighted mean of dP), so dQ = dS K does
+not depend on where K sits, only on how the keys differ. In float32 it does not sum to 0: the P recomputed here
+and the forward's ``out`` (hence D) come from scores rounded in different ways (another engine or backend, an FMA
+here and two roundings there, a forward in float64), and one ulp of a score of 2450 is 2.4e-4 of its probability.
+The row's residual rowsum(dS) then reaches dQ times |K|, however large K is: 1e-3 for inputs of magnitude 30 whose
+exact dQ is 0.19, where the naive float32 computation (consistent with itself) errs by 1e-9. Removing
+(rowsum(dS) / rowsum(P)) · P K is the same as using D' = rowsum(P ∘ dP) / rowsum(P), the D of the probabilities
+recomputed here, which is only known once the row has seen all its keys; one more tile product (P K_t) and the
+two row sums, in float64. dK and dV keep D (D' comes too late for a key tile's sums): no sum of theirs must vanish,
+so the difference moves each of their terms by about its own rounding (δ P |dP - D| |Q|), with no factor |K|.
 
 Parallelism without races or atomics: one ``prange`` over (batch, key/value head). A work item owns every gradient
 it writes: dK and dV of its key/value head, and dQ of the query heads of its group (summed over its key tiles in
@@ -24,8 +36,8 @@ The tile products are the forward's register-blocked micro-kernel (``_gemm.matmu
 are packed transposed once, for all the query tiles that visit it. Each product's result is added into a float64
 accumulator (dK, dV per key tile; dQ per head), as the forward keeps its output rows in float64.
 
-Extra memory per thread: the dQ rows of one group of heads in float64 (g · L · E · 8 bytes: 8 MiB for L = 16384,
-E = 64, g = 1) plus a few tiles (well under 1 MiB).
+Extra memory per thread: the dQ and P K rows of one group of heads in float64 (2 · g · L · E · 8 bytes: 16 MiB for
+L = 16384, E = 64, g = 1) plus a few tiles (well under 1 MiB).
 """
 
 from __future__ import annotations
@@ -107,6 +119,17 @@ def store(o, acc):
             o[i, c] = acc[i, c]
 
 
+@njit(**HELPER)
+def remove_residual(dq, kbar, p_sum, ds_sum):
+    """dQ rows (L, E) -= (rowsum(dS) / rowsum(P)) · (P K) rows: dS of each row made to sum to 0 (module docstring)."""
+    L, E = dq.shape
+    for i in range(L):
+        if p_sum[i] > 0.0:  # a row with no key (or NaN) is left as it is
+            c = ds_sum[i] / p_sum[i]
+            for e in range(E):
+                dq[i, e] -= c * kbar[i, e]
+
+
 @njit(**PARALLEL)
 def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scale, causal, causal_offset, window,
                        mask, mst, has_mask, key_bias, kst, has_key_bias, block_q, block_k, n_threads):
@@ -124,7 +147,8 @@ def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scal
     dt = q.dtype
     wide = max(E, Ev)
     dq_buf = np.empty((n_threads, g * L * E), np.float64)  # dQ rows of the work item's query heads
-    d_buf = np.empty((n_threads, g * L), np.float64)  # D = rowsum(grad_out * out)
+    kbar_buf = np.empty((n_threads, g * L * E), np.float64)  # their P K rows (the dQ residual's direction)
+    d_buf = np.empty((n_threads, 3, g * L), np.float64)  # D = rowsum(grad_out * out), rowsum(P), rowsum(dS)
     kt_buf = np.empty((n_threads, E * block_k), dt)  # K_tᵀ
     vt_buf = np.empty((n_threads, Ev * block_k), dt)  # V_tᵀ
     p_buf = np.empty((n_threads, block_q * block_k), dt)  # P
@@ -138,12 +162,18 @@ def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scal
         b = w // Hkv
         hk = w % Hkv
         dq = dq_buf[tid].reshape((g, L, E))
-        d = d_buf[tid].reshape((g, L))
+        kbar = kbar_buf[tid].reshape((g, L, E))
+        d = d_buf[tid, 0].reshape((g, L))
+        p_sum = d_buf[tid, 1].reshape((g, L))
+        ds_sum = d_buf[tid, 2].reshape((g, L))
         for r in range(g):
             h = hk * g + r
             for i in range(L):
                 for e in range(E):
                     dq[r, i, e] = 0.0
+                    kbar[r, i, e] = 0.0
+                p_sum[r, i] = 0.0
+                ds_sum[r, i] = 0.0
                 total = 0.0
                 for c in range(Ev):
                     total += np.float64(grad_out[b, h, i, c]) * np.float64(out[b, h, i, c])
@@ -179,17 +209,27 @@ def attention_backward(grad_q, grad_k, grad_v, grad_out, q, k, v, out, lse, scal
                     matmul_tile(t_v, p.T, dot, False)  # Pᵀ dO
                     add_into(dv, t_v)
                     matmul_tile(ds, dot, vT, False)  # dP = dO V_tᵀ
-                    for i in range(tq):  # dS = P (dP - D) scale
+                    for i in range(tq):  # dS = P (dP - D) scale, and the row sums of P and dS
                         di = dt.type(d[r, i0 + i])
+                        ps = 0.0
+                        dss = 0.0
                         for j in range(tk):
-                            ds[i, j] = p[i, j] * (ds[i, j] - di) * scale
+                            x = p[i, j] * (ds[i, j] - di) * scale
+                            ds[i, j] = x
+                            ps += np.float64(p[i, j])
+                            dss += np.float64(x)
+                        p_sum[r, i0 + i] += ps
+                        ds_sum[r, i0 + i] += dss
                     t_k = tk_buf[tid, :tk * E].reshape((tk, E))
                     matmul_tile(t_k, ds.T, qt, False)  # dSᵀ Q_t
                     add_into(dk, t_k)
                     t_q = tq_buf[tid, :tq * E].reshape((tq, E))
                     matmul_tile(t_q, ds, kt, False)  # dS K_t
                     add_into(dq[r, i0:i0 + tq], t_q)
+                    matmul_tile(t_q, p, kt, False)  # P K_t
+                    add_into(kbar[r, i0:i0 + tq], t_q)
             store(grad_k[b, hk, j0:j0 + tk], dk)
             store(grad_v[b, hk, j0:j0 + tk], dv)
         for r in range(g):
+            remove_residual(dq[r], kbar[r], p_sum[r], ds_sum[r])
             store(grad_q[b, hk * g + r], dq[r])

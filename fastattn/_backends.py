@@ -2,7 +2,8 @@
 
 Precedence of the choice: the ``backend=`` argument > ``use_backend(...)`` > the ``FASTATTN_BACKEND`` environment
 variable > automatic: the compiled backend ``python -m fastattn tune`` measured faster on this machine
-(fastattn._plans), else the first available of ``PREFERENCE``. Each compiled backend is configured with its settings
+(fastattn._plans), else the one measured faster on this CPU family (``_plans.BUILTIN_FASTER``), else the first
+available of ``PREFERENCE``. Each compiled backend is configured with its settings
 and its per-machine plan (tile products and tile shape of the fused attention; ``plan_info`` says which and why).
 Probing is cheap and lazy: nothing is compiled and Numba is not imported until a Numba kernel is first needed.
 """
@@ -21,7 +22,7 @@ from . import _plans, _settings
 from ._optable import module_families, of_families
 
 NAMES = ("numpy", "numba", "cython")
-PREFERENCE = ("numba", "cython", "numpy")  # automatic choice: fastest first
+PREFERENCE = ("numba", "cython", "numpy")  # automatic choice where nothing was measured (numba: always built)
 ENV_VAR = "FASTATTN_BACKEND"
 
 
@@ -196,7 +197,7 @@ def available_backends() -> list[str]:
     >>> "numpy" in fastattn.available_backends()
     True
     """
-    return [name for name in PREFERENCE if _probe(name) is None]
+    return [name for name in automatic_order()[0] if _probe(name) is None]
 
 
 def _unavailable_error(name: str, source: str) -> ValueError:
@@ -264,7 +265,8 @@ _auto_cache: dict = {}  # (threads, plan cache path) -> (order, why)
 
 def automatic_order() -> tuple[tuple[str, ...], str]:
     """The order the automatic choice tries the backends in, and why: the compiled backend measured faster on this
-    machine by ``python -m fastattn tune`` first (at the current thread count), else ``PREFERENCE``."""
+    machine by ``python -m fastattn tune`` first (at the current thread count), else the one measured faster on this
+    CPU family (``fastattn._plans.BUILTIN_FASTER``), else ``PREFERENCE``."""
     from ._threads import get_num_threads
 
     threads = get_num_threads()
@@ -273,9 +275,14 @@ def automatic_order() -> tuple[tuple[str, ...], str]:
     if hit is None:
         faster, why = _plans.preferred_backend(threads, _plans.COMPILED)
         if faster is None:
+            faster, why = _plans.builtin_faster(_plans.COMPILED)
+            untuned = f"nothing measured on this machine at {threads} threads: run `python -m fastattn tune`"
+            if faster is None:
+                why = f"first available of the preference order {', '.join(PREFERENCE)} ({untuned})"
+            else:
+                why = f"{why}; {untuned}"
+        if faster is None:
             order = PREFERENCE
-            why = (f"first available of the preference order {', '.join(PREFERENCE)} (nothing measured on this "
-                   f"machine at {threads} threads: run `python -m fastattn tune`)")  # fmt: skip
         else:
             order = (faster,) + tuple(n for n in PREFERENCE if n != faster)
         hit = _auto_cache[key] = (order, why)

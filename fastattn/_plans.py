@@ -55,6 +55,15 @@ _FAMILY_NOTES = {
 }
 DEFAULT_TILES = "micro"
 
+#: The compiled backend whose fused attention ran faster on each CPU family where it was measured side by side
+#: (``python -m fastattn bench --threads 2 --families attention``, float32, B=1 H=12 d=64, N = 1024-4096, full and
+#: causal): the automatic choice until ``python -m fastattn tune`` measures the machine itself. None: not measured.
+BUILTIN_FASTER: dict[str, tuple[str, str] | None] = {
+    "amd-zen": ("cython", "AMD EPYC (Zen 5), 2 threads, 2026-12-02: cython 1.04-1.20x numba"),
+    "intel": ("cython", "Intel Xeon (Sapphire Rapids class), 2 threads, issue 12's figures: cython 1.18-1.22x numba"),
+    "other": None,
+}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -310,6 +319,14 @@ def plans_for(backend: str, threads: int) -> tuple[Plan, dict[tuple[str, int], P
     if override is not None and not default.source.startswith("tuned"):
         default = Plan(default.tiles, default.block_q, default.block_k, f"FASTATTN_TILES={override}; {default.source}")
     return default, shaped
+
+
+def builtin_faster(available) -> tuple[str | None, str]:
+    """The compiled backend measured faster on this CPU family (``BUILTIN_FASTER``), if available, and why."""
+    known = BUILTIN_FASTER.get(cpu_family())
+    if known is None or known[0] not in available:
+        return None, ""
+    return known[0], f"{known[0]}: measured faster on {FAMILY_NAMES[cpu_family()]} CPUs ({known[1]})"
 
 
 def preferred_backend(threads: int, available) -> tuple[str | None, str]:

@@ -156,12 +156,13 @@ def test_first_numba_calls_do_not_import_scipy_linalg():
     assert out.stdout.strip() == "micro []"
 
 
+@pytest.mark.skipif(
+    os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"), reason="NUMBA_DISABLE_JIT: Numba loads no registries"
+)
 def test_numba_still_finds_blas_after_loading_without_scipy_linalg():
     """What load_registries keeps out is only deferred: np.dot in a new @njit function imports SciPy's BLAS and
     computes, and np.convolve's BLAS probe says what Numba's own would have."""
     pytest.importorskip("scipy")
-    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
-        pytest.skip("NUMBA_DISABLE_JIT: Numba loads no registries")
     code = (
         "import sys, numpy as np, numba\n"
         "from fastattn.kernels import numba as kn\n"
